@@ -1,0 +1,13 @@
+"""Built-in advantage estimators."""
+
+from opd_plugins import hookimpl
+from opd_plugins.advantages.base import AdvantageEstimator, degenerate_groups
+from opd_plugins.advantages.grpo import GRPOAdvantage
+
+
+@hookimpl
+def opd_register_components():
+    return [GRPOAdvantage]
+
+
+__all__ = ["AdvantageEstimator", "GRPOAdvantage", "degenerate_groups"]

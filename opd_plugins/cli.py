@@ -1,0 +1,113 @@
+"""``opd-plugins`` (also ``python -m opd_plugins``): validate, list, train.
+
+User mistakes (an invalid recipe, a missing file, a bad plugin) print a clear message and exit with status 2,
+without a traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from opd_plugins.errors import OPDError
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="opd-plugins",
+        description="On-policy distillation, self-distillation and RLVR recipes on TRL.",
+        epilog="Launch on several processes with: accelerate launch -m opd_plugins train RECIPE",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    v = sub.add_parser("validate", help="check a recipe without loading any model",
+                       description="Validate RECIPE (with dotted overrides) and report every problem. Loads no model.")
+    v.add_argument("recipe", help="path to a recipe YAML file")
+    v.add_argument("overrides", nargs="*", help="dotted overrides, e.g. teacher.params.top_k=32")
+
+    ls = sub.add_parser("list", help="list registered components", description="List components grouped by kind.")
+    ls.add_argument("--json", action="store_true", help='print {kind: [{"name", "plugin", "dist", "doc"}]}')
+    ls.add_argument("--kind", help="only this kind")
+
+    t = sub.add_parser("train", help="train a recipe", description="Validate RECIPE, then train it.")
+    t.add_argument("recipe", help="path to a recipe YAML file")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.args.max_steps=10")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in output_dir")
+    g.add_argument("--overwrite", action="store_true", help="delete an existing output_dir first")
+    return p
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from opd_plugins.recipe import load_recipe
+
+    recipe, pm = load_recipe(args.recipe, args.overrides)
+    slots = []
+    for slot in ("teacher", "divergence", "advantage", "sampler", "rollout"):
+        spec = getattr(recipe, slot)
+        if spec is not None:
+            slots.append(f"{slot}={spec.name}")
+    slots += [f"token_weighting={s.name}" for s in recipe.token_weighting]
+    print(f"{args.recipe}: valid ({', '.join(slots)}; output_dir={recipe.output_dir})")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from opd_plugins.components import KINDS
+    from opd_plugins.manager import get_plugin_manager
+
+    registry = get_plugin_manager().registry
+    kinds = [args.kind] if args.kind else list(KINDS)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise OPDError(f"unknown kind {unknown[0]!r}; kinds are {', '.join(KINDS)}")
+    data: dict[str, list[dict[str, Any]]] = {
+        kind: [{"name": e.cls.name, "plugin": e.plugin.name, "dist": e.plugin.label, "doc": e.doc}
+               for e in registry.entries(kind)]
+        for kind in kinds
+    }
+    if args.json:
+        print(json.dumps(data, indent=1))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for kind, entries in data.items():
+        table = Table(title=kind, title_justify="left", show_header=True, expand=False)
+        table.add_column("name", style="bold")
+        table.add_column("provided by")
+        table.add_column("description", overflow="fold", max_width=80)
+        for e in entries:
+            table.add_row(e["name"], e["dist"], e["doc"])
+        if not entries:
+            table.add_row("-", "-", "(none registered)")
+        console.print(table)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from opd_plugins.recipe import load_recipe
+    from opd_plugins.run import train
+
+    recipe, pm = load_recipe(args.recipe, args.overrides)
+    train(recipe, pm, resume=args.resume, overwrite=args.overwrite, argv=sys.argv)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"validate": cmd_validate, "list": cmd_list, "train": cmd_train}[args.command]
+    try:
+        return handler(args)
+    except OPDError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

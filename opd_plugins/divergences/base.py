@@ -1,0 +1,55 @@
+"""The divergence-objective contract: a per-token loss, and the same quantity as a per-token reward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from opd_plugins.components import Component
+from opd_plugins.teachers.base import Capability, TeacherScores
+
+
+@dataclass
+class StudentOutputs:
+    """The student's side, aligned with the completion tokens ``(B, T)``.
+
+    ``token_logps`` carry gradient during the loss; ``logits`` ``(B, T, V)`` are present only when the
+    divergence asks for the full vocabulary (``requires == "full"``), already divided by the temperature.
+    """
+
+    token_logps: torch.Tensor
+    mask: torch.Tensor
+    logits: torch.Tensor | None = None
+
+
+@dataclass
+class DivergenceTerms:
+    """``loss``: per-token differentiable surrogate whose gradient is the divergence's gradient.
+    ``value``: per-token estimate of the divergence itself (detached), for logging and rewards."""
+
+    loss: torch.Tensor
+    value: torch.Tensor
+
+
+class Divergence(Component):
+    """Base class of divergence objectives D(student, teacher).
+
+    :meth:`requires` says what the teacher must provide (``sampled`` < ``topk`` < ``full``); the trainer checks
+    it against the teacher's capabilities before training. :meth:`per_token` returns the loss surrogate and the
+    value; :meth:`reward` returns a per-token reward (by default ``-value``), which must depend on the sampled
+    token for the policy gradient to be right.
+    """
+
+    kind: ClassVar[str] = "divergence"
+
+    def requires(self) -> Capability:
+        return "sampled"
+
+    def per_token(self, student: StudentOutputs, teacher: TeacherScores) -> DivergenceTerms:
+        raise NotImplementedError
+
+    def reward(self, student: StudentOutputs, teacher: TeacherScores) -> torch.Tensor:
+        with torch.no_grad():
+            return -self.per_token(student, teacher).value * student.mask

@@ -1,0 +1,43 @@
+"""``reverse_kl``: KL(student ‖ teacher), the mode-seeking divergence of on-policy distillation."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from opd_plugins.components import ComponentParams
+from opd_plugins.divergences.base import Divergence, DivergenceTerms, StudentOutputs
+from opd_plugins.teachers.base import Capability, TeacherScores
+
+
+class ReverseKL(Divergence):
+    """Reverse KL, KL(π_student ‖ π_teacher), per completion token (mode-seeking).
+
+    ``estimator: sampled`` uses only the sampled token x_t ~ π_student: the value is the k1 estimate
+    ``log π_s(x_t) − log π_t(x_t)`` and the loss is the score-function surrogate
+    ``sg(log π_s(x_t) − log π_t(x_t)) · log π_s(x_t)``, whose gradient is an unbiased estimate of ∇KL per
+    position (a loss of ``log π_s − log π_t`` alone would have zero expected gradient). As a reward it is
+    ``−(log π_s(x_t) − log π_t(x_t))``, which depends on the sampled token as the policy gradient requires.
+    ``estimator: full`` computes ``Σ_v π_s(v)(log π_s(v) − log π_t(v))`` exactly from full-vocabulary log-probs
+    and differentiates it directly.
+    Paper: Agarwal et al. (GKD), https://arxiv.org/abs/2306.13649; Thinking Machines, "On-Policy Distillation".
+    """
+
+    name: ClassVar[str] = "reverse_kl"
+
+    class Params(ComponentParams):
+        estimator: Literal["sampled", "full"] = Field("sampled", description="Sampled-token (k1) or full-vocabulary.")
+
+    def requires(self) -> Capability:
+        return "full" if self.params.estimator == "full" else "sampled"
+
+    def per_token(self, student: StudentOutputs, teacher: TeacherScores) -> DivergenceTerms:
+        mask = student.mask * teacher.mask
+        if self.params.estimator == "full":
+            s_logps = torch.log_softmax(student.logits.float(), dim=-1)
+            kl = (s_logps.exp() * (s_logps - teacher.logps)).sum(-1) * mask
+            return DivergenceTerms(loss=kl, value=kl.detach())
+        log_ratio = ((student.token_logps - teacher.token_logps) * mask).detach()
+        return DivergenceTerms(loss=log_ratio * student.token_logps * mask, value=log_ratio)

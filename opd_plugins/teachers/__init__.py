@@ -1,0 +1,14 @@
+"""Built-in teacher providers."""
+
+from opd_plugins import hookimpl
+from opd_plugins.teachers.base import Teacher, TeacherBatch, TeacherScores
+from opd_plugins.teachers.hf_model import HFModelTeacher
+from opd_plugins.teachers.self_context import SelfContextTeacher
+
+
+@hookimpl
+def opd_register_components():
+    return [HFModelTeacher, SelfContextTeacher]
+
+
+__all__ = ["Teacher", "TeacherBatch", "TeacherScores", "HFModelTeacher", "SelfContextTeacher"]

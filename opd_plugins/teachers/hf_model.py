@@ -1,0 +1,83 @@
+"""``hf_model``: a local transformers teacher that shares the student's tokenizer."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from opd_plugins.components import ComponentParams
+from opd_plugins.teachers.base import Capability, Teacher, TeacherBatch, TeacherScores, score_with_causal_lm
+
+
+class HFModelTeacher(Teacher):
+    """A local Hugging Face causal LM as teacher (standard on-policy distillation).
+
+    The teacher sees exactly the student's prompt and completion, scores every completion token with no
+    gradient, and can return sampled-token log-probs, top-k, or the full vocabulary (computed in chunks of
+    rows). Its tokenizer must match the student's (the vocabularies are compared before training).
+    Paper: Agarwal et al., "On-Policy Distillation of Language Models" (GKD), https://arxiv.org/abs/2306.13649
+    """
+
+    name: ClassVar[str] = "hf_model"
+    capabilities: ClassVar[frozenset[str]] = frozenset({"sampled", "topk", "full"})
+
+    class Params(ComponentParams):
+        model: str = Field(..., description="Local path, hub id, or 'smollm2-135m-instruct'.")
+        dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="Teacher weights dtype.")
+        device: str | None = Field(None, description="Device for the teacher (default: the trainer's device).")
+        top_k: int = Field(0, ge=0, description="Also return the teacher's top-k per token (0 = only when asked).")
+        temperature: float | None = Field(None, gt=0, description="Scoring temperature (default: the sampling temperature).")
+        chunk_size: int = Field(8, ge=1, description="Rows scored per forward pass.")
+        trust_remote_code: bool = Field(False, description="Allow custom model code from the checkpoint.")
+        allow_nonfinite: bool = Field(False, description="Mask and count NaN/inf teacher log-probs instead of failing.")
+
+    def __init__(self, params: Params | None = None) -> None:
+        super().__init__(params)
+        self.model: torch.nn.Module | None = None
+        self.temperature = 1.0
+        self.device: torch.device | None = None
+
+    @classmethod
+    def example_params(cls) -> Params:
+        return cls.Params(model="tiny-teacher")  # the contract suite points this at a tiny local model
+
+    def setup(self, trainer: Any) -> None:
+        from opd_plugins.models import check_vocab_compatible, load_causal_lm, load_tokenizer, resolve_model_path
+
+        p = self.params
+        path = resolve_model_path(p.model)
+        teacher_tok = load_tokenizer(path, trust_remote_code=p.trust_remote_code)
+        self.model = load_causal_lm(path, dtype=p.dtype, trust_remote_code=p.trust_remote_code)
+        student = trainer.accelerator.unwrap_model(trainer.model)
+        check_vocab_compatible(
+            trainer.processing_class, teacher_tok,
+            student.config.get_text_config().vocab_size, self.model.config.get_text_config().vocab_size,
+            getattr(student.config, "_name_or_path", "student") or "student", p.model,
+        )
+        self.attach(self.model, device=p.device or trainer.accelerator.device,
+                    temperature=p.temperature or trainer.temperature)
+
+    def attach(self, model: torch.nn.Module, *, device: Any = "cpu", temperature: float = 1.0) -> None:
+        """Use an already-loaded model as the teacher (frozen, eval mode)."""
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.temperature = temperature
+
+    def score(self, batch: TeacherBatch, want: Capability = "sampled") -> TeacherScores:
+        if self.model is None:
+            raise RuntimeError("hf_model teacher used before setup()")
+        dev = self.device
+        ids = torch.cat([batch.prompt_ids, batch.completion_ids], 1).to(dev)
+        mask = torch.cat([batch.prompt_mask, batch.completion_mask], 1).to(dev)
+        scores = score_with_causal_lm(
+            self.model, ids, mask, batch.completion_ids.to(dev), batch.completion_mask.to(dev), want=want,
+            temperature=self.temperature, top_k=self.params.top_k, chunk_size=self.params.chunk_size,
+        )
+        out_dev = batch.completion_ids.device
+        for name in TeacherScores.TENSOR_FIELDS:
+            t = getattr(scores, name)
+            if t is not None:
+                setattr(scores, name, t.to(out_dev))
+        return scores

@@ -1,0 +1,31 @@
+"""Test kit for opd_plugins and third-party plugins.
+
+* Fixtures (registered as a pytest plugin through the ``pytest11`` entry point): ``opd_tokenizer``,
+  ``opd_tiny_model``, ``opd_tiny_model_dir``, ``opd_plugin_manager``.
+* Contract base classes, one per component kind: subclass one and set ``component`` to get the standard
+  checks (see docs/writing_plugins.md)::
+
+      from opd_plugins.testing import DivergenceContract
+
+      class TestMyDivergence(DivergenceContract):
+          component = MyDivergence
+"""
+
+from opd_plugins.testing.contracts import (
+    AdvantageContract,
+    ComponentContract,
+    DivergenceContract,
+    RolloutContract,
+    SamplerContract,
+    ScheduleContract,
+    TeacherContract,
+    TokenWeightingContract,
+    contract_for,
+)
+from opd_plugins.testing.models import build_tiny_model, build_tokenizer, save_tiny_model
+
+__all__ = [
+    "AdvantageContract", "ComponentContract", "DivergenceContract", "RolloutContract", "SamplerContract",
+    "ScheduleContract", "TeacherContract", "TokenWeightingContract", "contract_for",
+    "build_tiny_model", "build_tokenizer", "save_tiny_model",
+]

@@ -1,0 +1,372 @@
+"""Contract test suites: subclass the one for your component's kind and set ``component``.
+
+Every check uses small random tensors or the tiny in-process model, so the whole suite runs on CPU, offline,
+in seconds. Built-in components and third-party plugins run the very same checks.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+from typing import Any, ClassVar
+
+import pytest
+import torch
+import yaml
+from pydantic import ValidationError
+
+from opd_plugins.components import KINDS, SNAKE_CASE, Component
+
+_IMPORT_CHECKS: dict[str, str] = {}
+
+
+def _states_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_states_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_states_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+class ComponentContract:
+    """Checks every component passes, whatever its kind."""
+
+    component: ClassVar[type[Component]]
+    require_registered: ClassVar[bool] = True
+
+    def make(self, **overrides: Any) -> Component:
+        """An instance built from ``example_params()`` (override to add test-only setup)."""
+        params = self.component.example_params()
+        if overrides:
+            params = self.component.Params(**{**params.model_dump(), **overrides})
+        return self.component(params)
+
+    def test_name_is_snake_case(self):
+        assert isinstance(self.component.name, str) and SNAKE_CASE.match(self.component.name), self.component.name
+
+    def test_kind_is_known(self):
+        assert self.component.kind in KINDS
+
+    def test_registered_under_its_name(self):
+        from opd_plugins.manager import get_plugin_manager
+
+        registry = get_plugin_manager().registry
+        if self.component.name in registry.names(self.component.kind):
+            assert registry.get(self.component.kind, self.component.name) is self.component
+        else:
+            assert not self.require_registered, (
+                f"{self.component.kind} {self.component.name!r} is not registered by any installed plugin "
+                "(set require_registered = False for an unregistered test component)"
+            )
+
+    def test_has_docstring(self):
+        assert (self.component.__doc__ or "").strip()
+
+    def test_params_forbid_unknown_keys(self):
+        with pytest.raises(ValidationError):
+            self.component.Params(**{**self.component.example_params().model_dump(), "not_a_param_xyz": 1})
+
+    def test_params_round_trip_through_yaml(self):
+        params = self.component.example_params()
+        text = yaml.safe_dump(params.model_dump(mode="json"))
+        assert self.component.Params(**yaml.safe_load(text)) == params
+
+    def test_constructs_from_example_params(self):
+        comp = self.make()
+        assert isinstance(comp, self.component)
+
+    def test_state_dict_round_trip(self):
+        comp = self.make()
+        state = comp.state_dict()
+        json.dumps({k: v for k, v in state.items() if not isinstance(v, torch.Tensor)})
+        fresh = self.make()
+        fresh.load_state_dict(state)
+        assert _states_equal(fresh.state_dict(), state)
+
+    def test_module_import_does_not_import_vllm(self):
+        module = self.component.__module__.rsplit(".", 1)[0] if "." in self.component.__module__ else self.component.__module__
+        if module not in _IMPORT_CHECKS:
+            code = f"import sys, importlib; importlib.import_module({module!r}); print('vllm' in sys.modules)"
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+            assert out.returncode == 0, out.stderr[-2000:]
+            _IMPORT_CHECKS[module] = out.stdout.strip()
+        assert _IMPORT_CHECKS[module] == "False", f"importing {module} imports vllm"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Divergences
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def random_pair(B: int = 3, T: int = 5, V: int = 11, seed: int = 0, sharp: float = 2.0):
+    """Random student logits and teacher log-probs, with tokens sampled from the student."""
+    g = torch.Generator().manual_seed(seed)
+    s_logits = torch.randn(B, T, V, generator=g) * sharp
+    t_logps = torch.log_softmax(torch.randn(B, T, V, generator=g) * sharp, -1)
+    s_probs = torch.softmax(s_logits, -1)
+    tokens = torch.multinomial(s_probs.view(-1, V), 1, generator=g).view(B, T)
+    return s_logits, t_logps, tokens
+
+
+def make_inputs(s_logits: torch.Tensor, t_logps: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None,
+                requires_grad: bool = True):
+    from opd_plugins.divergences.base import StudentOutputs
+    from opd_plugins.teachers.base import TeacherScores
+
+    s_logits = s_logits.clone().requires_grad_(requires_grad)
+    mask = torch.ones(tokens.shape) if mask is None else mask
+    s_logps = torch.log_softmax(s_logits, -1)
+    student = StudentOutputs(token_logps=s_logps.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), mask=mask, logits=s_logits)
+    k = min(4, t_logps.shape[-1])
+    top_vals, top_ids = t_logps.topk(k, -1)
+    teacher = TeacherScores(
+        token_logps=t_logps.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), mask=mask.clone(), logps=t_logps,
+        topk_ids=top_ids, topk_logps=top_vals, topk_mass=top_vals.exp().sum(-1),
+        entropy=-(t_logps.exp() * t_logps).sum(-1),
+    )
+    return s_logits, student, teacher
+
+
+class DivergenceContract(ComponentContract):
+    """D(p, p) = 0 with zero gradient, D ≥ 0 (in expectation for sampled estimators), finite gradients,
+    all-masked input gives 0, and row-chunked equals unchunked."""
+
+    def test_zero_when_teacher_equals_student(self):
+        div = self.make()
+        s_logits, t_logps, tokens = random_pair()
+        s_logits, student, teacher = make_inputs(s_logits, torch.log_softmax(s_logits, -1).detach(), tokens)
+        terms = div.per_token(student, teacher)
+        assert torch.allclose(terms.value, torch.zeros_like(terms.value), atol=1e-5)
+        terms.loss.sum().backward()
+        assert s_logits.grad is not None and torch.allclose(s_logits.grad, torch.zeros_like(s_logits.grad), atol=1e-5)
+
+    def test_non_negative(self):
+        div = self.make()
+        s_logits, t_logps, _ = random_pair(B=2, T=3, V=7, seed=1)
+        V = s_logits.shape[-1]
+        if div.requires() == "full":
+            _, student, teacher = make_inputs(s_logits, t_logps, torch.zeros(2, 3, dtype=torch.long))
+            assert (div.per_token(student, teacher).value >= -1e-6).all()
+            return
+        # Sampled estimators: the exact expectation over the sampled token, Σ_x p_s(x)·value(x), is ≥ 0.
+        expected = torch.zeros(2, 3)
+        s_probs = torch.softmax(s_logits, -1)
+        for x in range(V):
+            tokens = torch.full((2, 3), x, dtype=torch.long)
+            _, student, teacher = make_inputs(s_logits, t_logps, tokens, requires_grad=False)
+            expected += s_probs[..., x] * div.per_token(student, teacher).value
+        assert (expected >= -1e-5).all(), expected
+
+    def test_finite_gradients(self):
+        div = self.make()
+        s_logits, t_logps, tokens = random_pair(seed=2)
+        s_logits, student, teacher = make_inputs(s_logits, t_logps, tokens)
+        div.per_token(student, teacher).loss.sum().backward()
+        assert s_logits.grad is not None and torch.isfinite(s_logits.grad).all()
+        assert s_logits.grad.abs().sum() > 0
+
+    def test_all_masked_gives_zero(self):
+        div = self.make()
+        s_logits, t_logps, tokens = random_pair(seed=3)
+        _, student, teacher = make_inputs(s_logits, t_logps, tokens, mask=torch.zeros(tokens.shape))
+        terms = div.per_token(student, teacher)
+        assert float(terms.loss.abs().sum()) == 0.0 and float(terms.value.abs().sum()) == 0.0
+
+    def test_chunked_equals_unchunked(self):
+        div = self.make()
+        s_logits, t_logps, tokens = random_pair(B=4, seed=4)
+        _, student, teacher = make_inputs(s_logits, t_logps, tokens, requires_grad=False)
+        whole = div.per_token(student, teacher).value
+        parts = []
+        for rows in (slice(0, 1), slice(1, 4)):
+            _, s, t = make_inputs(s_logits[rows], t_logps[rows], tokens[rows], requires_grad=False)
+            parts.append(div.per_token(s, t).value)
+        assert torch.allclose(whole, torch.cat(parts), atol=1e-6)
+
+    def test_reward_depends_on_sampled_token(self):
+        div = self.make()
+        s_logits, t_logps, tokens = random_pair(seed=5)
+        _, student, teacher = make_inputs(s_logits, t_logps, tokens, requires_grad=False)
+        _, student2, teacher2 = make_inputs(s_logits, t_logps, (tokens + 1) % s_logits.shape[-1], requires_grad=False)
+        r1, r2 = div.reward(student, teacher), div.reward(student2, teacher2)
+        assert r1.shape == tokens.shape and torch.isfinite(r1).all()
+        if div.requires() != "full":
+            assert not torch.allclose(r1, r2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Advantages
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class AdvantageContract(ComponentContract):
+    """Output shapes and finiteness, including zero-variance groups and unscored (NaN) rewards."""
+
+    num_generations: ClassVar[int] = 4
+
+    def test_shape_and_finite(self):
+        est = self.make()
+        G = max(self.num_generations, est.min_generations)
+        rewards = torch.rand(3 * G, generator=torch.Generator().manual_seed(0))
+        adv = est.compute(rewards, G)
+        assert adv.shape[0] == rewards.shape[0] and adv.dim() in (1, 2)
+        assert torch.isfinite(adv).all()
+
+    def test_zero_variance_group_is_finite(self):
+        est = self.make()
+        G = max(self.num_generations, est.min_generations)
+        rewards = torch.cat([torch.ones(G), torch.zeros(G), torch.arange(G, dtype=torch.float32)])
+        adv = est.compute(rewards, G)
+        assert torch.isfinite(adv).all()
+        assert torch.allclose(adv[:G], torch.zeros_like(adv[:G]), atol=1e-6)
+
+    def test_unscored_rows_are_finite(self):
+        est = self.make()
+        G = max(self.num_generations, est.min_generations)
+        rewards = torch.rand(2 * G)
+        rewards[0] = float("nan")
+        assert torch.isfinite(est.compute(rewards, G)).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Teachers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def fake_trainer(model: Any, tokenizer: Any, temperature: float = 1.0) -> Any:
+    """The few trainer attributes a teacher's ``setup`` may read, for testing teachers without training."""
+    accelerator = SimpleNamespace(unwrap_model=lambda m: m, device=torch.device("cpu"))
+    return SimpleNamespace(model=model, processing_class=tokenizer, accelerator=accelerator, temperature=temperature,
+                           chat_template_kwargs={})
+
+
+def teacher_batch(tokenizer: Any, n: int = 3, completion_len: int = 6, seed: int = 0):
+    """A left-padded prompt batch with right-padded random completions and rows carrying answer/hint."""
+    from opd_plugins.teachers.base import TeacherBatch
+
+    g = torch.Generator().manual_seed(seed)
+    questions = [f"What is {i} + {i + 3}?" for i in range(n)]
+    prompts = [[{"role": "user", "content": q}] for q in questions]
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"][: 4 + 3 * i] for i, t in enumerate(texts)]
+    width = max(map(len, ids))
+    pad = tokenizer.pad_token_id
+    prompt_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
+    prompt_mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    completion_ids = torch.randint(5, len(tokenizer), (n, completion_len), generator=g)
+    completion_mask = torch.ones(n, completion_len, dtype=torch.long)
+    completion_mask[0, completion_len // 2:] = 0
+    rows = [{"prompt": p, "answer": str(2 * i + 3), "hint": f"(Hint: the correct answer is {2 * i + 3}.)"}
+            for i, p in enumerate(prompts)]
+    return TeacherBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, prompts=prompts, rows=rows)
+
+
+class TeacherContract(ComponentContract):
+    """Log-prob shape, dtype, masking and token alignment (batched scores equal each row scored alone).
+
+    Params named ``model`` are pointed at the tiny test model (``opd_tiny_model_dir``).
+    """
+
+    @pytest.fixture
+    def teacher(self, opd_tiny_model_dir, opd_tokenizer):
+        from opd_plugins.testing.models import build_tiny_model
+
+        overrides = {"model": str(opd_tiny_model_dir)} if "model" in self.component.Params.model_fields else {}
+        comp = self.make(**overrides)
+        comp.setup(fake_trainer(build_tiny_model(opd_tokenizer, seed=0), opd_tokenizer))
+        return comp
+
+    def test_logprob_shape_dtype_and_mask(self, teacher, opd_tokenizer):
+        batch = teacher_batch(opd_tokenizer)
+        scores = teacher.score(batch, "sampled")
+        assert scores.token_logps.shape == batch.completion_ids.shape
+        assert scores.token_logps.dtype == torch.float32
+        valid = batch.completion_mask.bool()
+        assert torch.isfinite(scores.token_logps).all()
+        assert (scores.token_logps[valid] <= 1e-6).all()
+        assert (scores.token_logps[~valid] == 0).all()
+
+    def test_token_alignment_is_padding_invariant(self, teacher, opd_tokenizer):
+        batch = teacher_batch(opd_tokenizer)
+        together = teacher.score(batch, "sampled").token_logps
+        for i in range(batch.completion_ids.shape[0]):
+            keep = batch.prompt_mask[i].bool()
+            from opd_plugins.teachers.base import TeacherBatch
+
+            single = TeacherBatch(batch.prompt_ids[i:i + 1, keep], batch.prompt_mask[i:i + 1, keep],
+                                  batch.completion_ids[i:i + 1], batch.completion_mask[i:i + 1],
+                                  prompts=batch.prompts[i:i + 1], rows=batch.rows[i:i + 1])
+            alone = teacher.score(single, "sampled").token_logps
+            m = batch.completion_mask[i].bool()
+            assert torch.allclose(together[i][m], alone[0][m], atol=1e-4), (i, together[i], alone[0])
+
+    def test_declared_capabilities_are_served(self, teacher, opd_tokenizer):
+        batch = teacher_batch(opd_tokenizer)
+        for want in sorted(teacher.capabilities):
+            scores = teacher.score(batch, want)
+            if want == "full":
+                assert scores.logps is not None and scores.logps.shape[:2] == batch.completion_ids.shape
+            if want == "topk":
+                assert scores.topk_logps is not None and scores.topk_ids.shape == scores.topk_logps.shape
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Samplers, rollouts, schedules, token weightings
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class SamplerContract(ComponentContract):
+    """Same length, and deterministic for a fixed step and state."""
+
+    def test_deterministic_and_length_preserving(self):
+        prompts = [[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(4)]
+        rows = [{"prompt": p, "answer": str(i + 1), "hint": f"(Hint: {i + 1})"} for i, p in enumerate(prompts)]
+        a = self.make().prepare(prompts, rows, step=3)
+        b = self.make().prepare(prompts, rows, step=3)
+        assert len(a.prompts) == len(prompts) == len(a.injected)
+        assert a.prompts == b.prompts and a.injected == b.injected
+
+
+class RolloutContract(ComponentContract):
+    """Declares its precision. (Generation itself is exercised by the end-to-end trainer tests.)"""
+
+    def test_declares_precision(self):
+        assert isinstance(self.component.precision, str) and self.component.precision
+
+
+class ScheduleContract(ComponentContract):
+    """Finite and deterministic over a whole run."""
+
+    def test_finite_and_deterministic(self):
+        a, b = self.make(), self.make()
+        values = [a.value(s, 50) for s in range(51)]
+        assert all(v == v and abs(v) != float("inf") for v in values)
+        assert values == [b.value(s, 50) for s in range(51)]
+
+
+class TokenWeightingContract(ComponentContract):
+    """Weights of shape (B, T), non-negative and finite."""
+
+    def test_weights_shape_and_sign(self):
+        s_logits, t_logps, tokens = random_pair(seed=6)
+        _, student, teacher = make_inputs(s_logits, t_logps, tokens, requires_grad=False)
+        inputs = {"completion_ids": tokens, "completion_mask": torch.ones_like(tokens),
+                  "advantages": torch.randn(tokens.shape[0]), "rewards": torch.rand(tokens.shape[0])}
+        w = self.make().weights(inputs, student, teacher)
+        assert w.shape == tokens.shape and torch.isfinite(w).all() and (w >= 0).all()
+
+
+CONTRACTS: dict[str, type[ComponentContract]] = {
+    "teacher": TeacherContract, "divergence": DivergenceContract, "advantage": AdvantageContract,
+    "sampler": SamplerContract, "rollout": RolloutContract, "schedule": ScheduleContract,
+    "token_weighting": TokenWeightingContract,
+}
+
+
+def contract_for(cls: type[Component]) -> type[ComponentContract]:
+    """The contract suite for a component class's kind."""
+    return CONTRACTS[cls.kind]

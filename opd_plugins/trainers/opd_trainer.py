@@ -1,0 +1,339 @@
+"""``OPDTrainer``: a thin ``GRPOTrainer`` subclass that calls the recipe's components and the hooks.
+
+The trainer owns no algorithm. At each phase of a step it calls a component or a hook:
+
+prompts ─sampler.prepare─▶ (opd_prompts_prepared) ─rollout.generate─▶ (opd_rollout_end) ─rewards─▶
+(opd_rewards_scored) ─teacher.score─▶ (opd_teacher_scored) ─advantage.compute─▶ (opd_degenerate_groups,
+opd_advantages_computed) ─token_weighting─▶ loss = pg_weight(t)·PG + div_weight(t)·D (+ opd_loss_terms)
+─▶ (opd_step_metrics).
+
+TRL override points (trl 1.16, private, hence the pin): ``_generate``, ``_generate_single_turn``,
+``_calculate_rewards``, ``_generate_and_score_completions``, ``_compute_loss``,
+``_get_per_token_logps_and_entropies`` (to reuse the policy-gradient forward for the divergence),
+``_save_checkpoint`` / ``_load_optimizer_and_scheduler`` (atomic checkpoints with component state).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+
+from opd_plugins.advantages.base import degenerate_groups
+from opd_plugins.divergences.base import StudentOutputs
+from opd_plugins.errors import ModelLoadError, OPDError, TeacherError
+from opd_plugins.teachers.base import CAPABILITY_ORDER, TeacherBatch, TeacherScores
+from opd_plugins.trainers.components import Components
+from opd_plugins.trainers.opd_config import OPDConfig
+from opd_plugins.trainers.state import load_component_states, mark_complete, save_component_states
+
+STAGING_DIR = ".staging"
+
+
+class OPDTrainer(GRPOTrainer):
+    """On-policy distillation, self-distillation, GRPO and hybrids: one trainer, chosen by components.
+
+    Takes every ``GRPOTrainer`` argument, plus ``components`` (a :class:`Components`; default: GRPO with no
+    teacher), ``plugin_manager`` (default: built-ins and installed plugins) and ``recipe`` (kept for hooks).
+    Subclass it as you would a TRL trainer; override the public ``compute_*`` helpers below for small changes.
+    """
+
+    _tag_names = ["trl", "opd_plugins"]
+
+    def __init__(self, model: Any, args: OPDConfig | None = None, *, components: Components | None = None,
+                 plugin_manager: Any = None, recipe: Any = None, **kwargs: Any) -> None:
+        if plugin_manager is None:
+            from opd_plugins.manager import get_plugin_manager
+
+            plugin_manager = get_plugin_manager()
+        self.pm = plugin_manager
+        self.components = components if components is not None else Components()
+        self.recipe = recipe
+        self._rows: list[dict[str, Any]] | None = None
+        self._student_prompts: list[Any] | None = None
+        self._rewards_per_func: torch.Tensor | None = None
+        self._captured_logps: torch.Tensor | None = None
+        self._capture = False
+        self._staging = False
+        _check_components(self.components)
+        super().__init__(model=model, args=args, **kwargs)
+        self.components.rollout.setup(self)
+        if self.components.teacher is not None:
+            self.components.teacher.setup(self)
+        self.pm.call("opd_trainer_init", trainer=self)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Small helpers subclasses may override
+    # ------------------------------------------------------------------------------------------------------
+    def weight(self, schedule: Any) -> float:
+        """Current value of a coefficient schedule."""
+        return float(schedule.value(self.state.global_step, self.state.max_steps or 0))
+
+    def _mode(self) -> str:
+        return "train" if self.model.training else "eval"
+
+    def _log(self, name: str, value: float) -> None:
+        self._metrics[self._mode()][name].append(float(value))
+
+    # ------------------------------------------------------------------------------------------------------
+    # Prompts and rollout
+    # ------------------------------------------------------------------------------------------------------
+    def _generate(self, prompts: list):
+        rows = self._rows if self._rows is not None and len(self._rows) == len(prompts) else [{} for _ in prompts]
+        prepared = self.components.sampler.prepare(list(prompts), rows, self.state.global_step)
+        if len(prepared.prompts) != len(prompts):
+            raise OPDError(
+                f"sampler {self.components.sampler.name!r} returned {len(prepared.prompts)} prompts for {len(prompts)}"
+            )
+        prompts = prepared.prompts
+        self.pm.call("opd_prompts_prepared", trainer=self, prompts=prompts, rows=rows)
+        self._student_prompts = list(prompts)
+        result = super()._generate(prompts)
+        prompt_ids, completion_ids, _tool_mask, completions, logprobs = result[:5]
+        self.pm.call("opd_rollout_end", trainer=self, rollout={
+            "prompt_ids": prompt_ids, "completion_ids": completion_ids, "completions": completions,
+            "logprobs": logprobs, "policy_version": self.state.global_step,
+        })
+        return result
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        return self.components.rollout.generate(
+            self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=has_tool_images
+        )
+
+    # ------------------------------------------------------------------------------------------------------
+    # Rewards, teacher, advantages
+    # ------------------------------------------------------------------------------------------------------
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._rewards_per_func = rewards_per_func
+        if len(self.reward_funcs):
+            self.pm.call("opd_rewards_scored", trainer=self, rewards_per_func=rewards_per_func,
+                         reward_names=list(self.reward_func_names))
+        return rewards_per_func
+
+    def _needs_teacher(self) -> bool:
+        c = self.components
+        return c.teacher is not None and c.divergence is not None and (
+            self.weight(c.div_weight) != 0 or self.weight(c.div_reward_weight) != 0
+        )
+
+    def _generate_and_score_completions(self, inputs):
+        self._rows = inputs
+        try:
+            out = super()._generate_and_score_completions(inputs)
+        finally:
+            self._rows = None
+        c = self.components
+        mask = _loss_mask(out)
+        scores = None
+        if self._needs_teacher():
+            scores = self.score_teacher(out, inputs)
+            out.update(scores.to_batch())
+        out["advantages"] = self.compute_advantages(out, inputs, scores, mask)
+        self.pm.call("opd_advantages_computed", trainer=self, batch=out, advantages=out["advantages"])
+        return out
+
+    def score_teacher(self, out: dict[str, Any], rows: list[dict[str, Any]]) -> TeacherScores:
+        c = self.components
+        batch = TeacherBatch(
+            prompt_ids=out["prompt_ids"], prompt_mask=out["prompt_mask"], completion_ids=out["completion_ids"],
+            completion_mask=_loss_mask(out).to(out["completion_mask"].dtype),
+            prompts=self._student_prompts or [r.get("prompt") for r in rows], rows=list(rows),
+        )
+        want = c.divergence.requires()
+        scores = c.teacher.score(batch, want)
+        if not isinstance(scores, TeacherScores):
+            raise TeacherError(f"teacher {c.teacher.name!r} returned {type(scores).__name__}, not TeacherScores")
+        if CAPABILITY_ORDER[scores.capability] < CAPABILITY_ORDER[want]:
+            raise TeacherError(f"teacher {c.teacher.name!r} was asked for {want!r} scores but returned {scores.capability!r}")
+        n_bad = scores.validate(batch, c.teacher.name, allow_nonfinite=getattr(c.teacher.params, "allow_nonfinite", False))
+        if n_bad:
+            self._log("teacher/nonfinite_masked", n_bad)
+        if scores.entropy is not None:
+            m = scores.mask
+            self._log("teacher/entropy", float((scores.entropy * m).sum() / m.sum().clamp(min=1)))
+        self.pm.call("opd_teacher_scored", trainer=self, batch=out, scores=scores)
+        return scores
+
+    def compute_advantages(self, out: dict[str, Any], rows: list[dict[str, Any]], scores: TeacherScores | None,
+                           mask: torch.Tensor) -> torch.Tensor:
+        """Sequence advantages from the advantage estimator, plus the divergence's per-token reward when
+        ``div_reward_weight`` is non-zero (OPD as RL)."""
+        c = self.components
+        mode = self._mode()
+        B = out["completion_ids"].shape[0]
+        device = out["completion_ids"].device
+        advantages = torch.zeros(B, device=device)
+        num_gen = self.num_generations if mode == "train" else self.num_generations_eval
+        if len(self.reward_funcs) and self._rewards_per_func is not None:
+            rpf = self._rewards_per_func
+            rewards = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1)
+            rewards[torch.isnan(rpf).all(dim=1)] = torch.nan
+            all_adv = c.advantage.compute(rewards, num_gen)
+            if all_adv.shape[0] != rewards.shape[0]:
+                raise OPDError(f"advantage {c.advantage.name!r} returned {all_adv.shape[0]} values for {rewards.shape[0]} rewards")
+            degenerate = degenerate_groups(rewards, num_gen)
+            self._log("opd/degenerate_group_frac", len(degenerate) / max(rewards.numel() // num_gen, 1))
+            if degenerate:
+                self.pm.call("opd_degenerate_groups", trainer=self, groups=degenerate, rewards=rewards)
+                start = self.accelerator.process_index * B
+                local = [g * num_gen - start for g in degenerate if 0 <= g * num_gen - start < B]
+                c.sampler.on_degenerate_groups([rows[i] for i in local], self.state.global_step)
+            advantages = all_adv[self.accelerator.process_index * B:(self.accelerator.process_index + 1) * B].to(device)
+        w_r = self.weight(c.div_reward_weight) if c.divergence is not None else 0.0
+        if w_r != 0 and scores is not None:
+            student = self.student_outputs(self.model, out, grad=False)
+            token_reward = c.divergence.reward(student, scores)
+            self._log("opd/divergence_reward", float((token_reward * mask).sum() / mask.sum().clamp(min=1)))
+            if advantages.dim() == 1:
+                advantages = advantages.unsqueeze(1) * mask
+            advantages = advantages + w_r * token_reward * mask
+        return advantages
+
+    # ------------------------------------------------------------------------------------------------------
+    # Loss
+    # ------------------------------------------------------------------------------------------------------
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        logps, entropies, aux = super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+        )
+        if self._capture and torch.is_grad_enabled():
+            self._captured_logps = logps
+            self._capture = False
+        return logps, entropies, aux
+
+    def student_outputs(self, model: Any, inputs: dict[str, Any], *, grad: bool = True) -> StudentOutputs:
+        """The student's per-token log-probs (and logits when the divergence needs the full vocabulary)."""
+        mask = _loss_mask(inputs)
+        full = self.components.divergence.requires() == "full"
+        if grad and not full and self._captured_logps is not None:
+            logps, self._captured_logps = self._captured_logps, None
+            return StudentOutputs(token_logps=logps, mask=mask)
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+        T = inputs["completion_ids"].shape[1]
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            if full:
+                logits = model(input_ids=ids, attention_mask=am, logits_to_keep=T + 1).logits[:, -(T + 1):-1]
+                logits = logits.float() / self.temperature
+                logps = torch.log_softmax(logits, -1).gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
+                return StudentOutputs(token_logps=logps, mask=mask, logits=logits)
+            logps, _, _ = self._get_per_token_logps_and_entropies(model, ids, am, T)
+            return StudentOutputs(token_logps=logps, mask=mask)
+
+    def _token_normalizer(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """Same normalisation as TRL's ``dapo`` loss: global tokens of the generation batch, per GA window."""
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if self._mode() == "train":
+            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        return normalizer
+
+    def _compute_loss(self, model, inputs):
+        c = self.components
+        w_pg = self.weight(c.pg_weight)
+        w_div = self.weight(c.div_weight) if c.divergence is not None else 0.0
+        terms: dict[str, torch.Tensor] = {}
+        self._captured_logps = None
+        if w_pg != 0 or w_div == 0:
+            self._capture = w_div != 0
+            pg = super()._compute_loss(model, inputs)
+            self._capture = False
+            terms["policy_gradient"] = w_pg * pg
+        if w_div != 0:
+            terms["divergence"] = w_div * self.divergence_loss(model, inputs)
+        self._log("opd/weight/policy_gradient", w_pg)
+        self._log("opd/weight/divergence", w_div)
+        for extra in self.pm.call("opd_loss_terms", trainer=self, inputs=inputs, terms=dict(terms)):
+            for name, value in (extra or {}).items():
+                if name in terms:
+                    raise OPDError(f"a plugin's opd_loss_terms returned term {name!r}, which already exists")
+                terms[name] = value
+                self._log(f"opd/loss/{name}", float(value.detach()))
+        for result in self.pm.call("opd_step_metrics", trainer=self, inputs=inputs, mode=self._mode()):
+            for name, value in (result or {}).items():
+                self._log(name, value)
+        return sum(terms.values())
+
+    def divergence_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        """Token-weighted divergence between the student and the teacher scores carried by ``inputs``."""
+        c = self.components
+        teacher = TeacherScores.from_batch(inputs)
+        if teacher is None:
+            raise TeacherError("the divergence term is on but this batch carries no teacher scores")
+        student = self.student_outputs(model, inputs)
+        terms = c.divergence.per_token(student, teacher)
+        mask = student.mask * teacher.mask
+        weights = torch.ones_like(mask)
+        if c.token_weighting:
+            detached = StudentOutputs(student.token_logps.detach(), mask,
+                                      None if student.logits is None else student.logits.detach())
+            for tw in c.token_weighting:
+                weights = weights * tw.weights(inputs, detached, teacher)
+        loss = (terms.loss * weights * mask).sum() / self._token_normalizer(inputs)
+        stats = self.accelerator.reduce(torch.stack([(terms.value * mask).sum(), mask.sum()]).detach(), reduction="sum")
+        self._log("opd/divergence", float(stats[0] / stats[1].clamp(min=1)))
+        return loss
+
+    # ------------------------------------------------------------------------------------------------------
+    # Checkpoints: written to a staging directory, then published by an atomic rename
+    # ------------------------------------------------------------------------------------------------------
+    def _get_output_dir(self, trial):
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING_DIR) if self._staging else run_dir
+
+    def _save_checkpoint(self, model, trial):
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+        from transformers.trainer_utils import rotate_checkpoints
+
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged = os.path.join(run_dir, STAGING_DIR, name)
+        final = os.path.join(run_dir, name)
+        if self.args.should_save and os.path.exists(staged):
+            shutil.rmtree(staged)  # a checkpoint a killed run never published
+        self.accelerator.wait_for_everyone()
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        if self.args.should_save:
+            save_component_states(staged, self.components.named())
+            self.pm.call("opd_checkpoint_save", trainer=self, checkpoint_dir=staged)
+            mark_complete(staged)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            load_component_states(checkpoint, self.components.named())
+            self.pm.call("opd_checkpoint_load", trainer=self, checkpoint_dir=checkpoint)
+
+
+def _loss_mask(batch: dict[str, Any]) -> torch.Tensor:
+    mask = batch["completion_mask"].float()
+    if "tool_mask" in batch:
+        mask = mask * batch["tool_mask"].float()
+    return mask
+
+
+def _check_components(c: Components) -> None:
+    if c.teacher is not None and c.divergence is not None:
+        need = c.divergence.requires()
+        if need not in c.teacher.capabilities:
+            raise OPDError(
+                f"divergence {c.divergence.name!r} needs {need!r} teacher scores, but teacher {c.teacher.name!r} "
+                f"provides only {', '.join(sorted(c.teacher.capabilities))}"
+            )
+
+
+__all__ = ["OPDTrainer", "ModelLoadError"]
