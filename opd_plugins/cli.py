@@ -44,8 +44,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from opd_plugins.recipe import load_recipe
+    from opd_plugins.recipe.loader import device_problems
 
-    recipe, pm = load_recipe(args.recipe, args.overrides)
+    recipe, pm = load_recipe(args.recipe, args.overrides, device_check=False)
+    for note in device_problems(recipe):
+        print(f"note: {note} (train will refuse to start on this machine)", file=sys.stderr)
     slots = []
     for slot in ("teacher", "divergence", "advantage", "sampler", "rollout"):
         spec = getattr(recipe, slot)

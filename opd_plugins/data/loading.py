@@ -160,6 +160,8 @@ def load_source(src: DatasetSource, required: Sequence[str] = ("prompt",)) -> da
     prompt already starts with a system message), turn ``answer`` into strings, build ``hint`` from
     ``hint_template`` when there is an ``answer`` but no ``hint``, then check ``required`` columns.
     """
+    import datasets
+
     ds = _load_raw(src)
     desc = src.describe()
     if src.limit is not None and src.limit < len(ds):
@@ -193,6 +195,14 @@ def load_source(src: DatasetSource, required: Sequence[str] = ("prompt",)) -> da
     if add_hint and len(ds):
         _format_hint(src.hint_template, {**first, "answer": str(first["answer"])}, desc)  # fail before mapping
     if convert_prompt or convert_answer or add_hint:
+        text = datasets.Value("string")
+        features = ds.features.copy()
+        if convert_prompt and isinstance(first.get("prompt"), str):
+            features["prompt"] = datasets.List({"role": text, "content": text})
+        if "answer" in columns:
+            features["answer"] = text
+        if add_hint:
+            features["hint"] = text
         ds = ds.map(
             _standardize,
             fn_kwargs={
@@ -201,6 +211,7 @@ def load_source(src: DatasetSource, required: Sequence[str] = ("prompt",)) -> da
                 "convert_prompt": convert_prompt,
                 "convert_answer": convert_answer or add_hint,
             },
+            features=features,
             desc="Standardizing columns",
         )
     check_columns(ds, required, desc)

@@ -247,7 +247,7 @@ def _valid(op: str, operands: tuple[int, ...]) -> bool:
     return op != "max" or operands[0] != operands[1]  # "larger: 31 or 31" has no answer
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=4)
 def _enumerate_split(op: str, digits: int, count: int, split: str) -> tuple[tuple[int, ...], ...]:
     low, high = _operand_range(op, digits)
     want_eval = split == "eval"

@@ -112,6 +112,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> tuple[dict[str
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if not close:  # a typo in one part of a compound name: 'alpah' -> 'lora_alpha'
+        parts = {part: name for name in choices for part in name.split("_") if len(part) > 3}
+        close = [parts[m] for m in difflib.get_close_matches(word, list(parts), n=1, cutoff=0.75)]
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
@@ -168,10 +171,36 @@ def _component_problems(pm: Any, kind: str, spec: ComponentSpec, path: str) -> t
         return pydantic_problems(exc, cls.Params, f"{path}.params"), None
 
 
-def _trainer_arg_problems(args: dict[str, Any]) -> list[Problem]:
+def trainer_arg_names() -> set[str]:
+    """Every ``OPDConfig`` field name. Importing TRL takes seconds, so the names are cached per version
+    (JSON in the user cache directory); ``validate`` then answers without importing TRL."""
+    import json
+    from importlib import metadata
+
+    from opd_plugins import __version__
+    from opd_plugins.models import cache_dir
+
+    versions = "-".join([__version__, metadata.version("trl"), metadata.version("transformers")])
+    path = cache_dir() / f"trainer_args-{versions}.json"
+    try:
+        return set(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        pass
     from opd_plugins.trainers.opd_config import OPDConfig
 
-    fields = {f.name for f in dataclasses.fields(OPDConfig)}
+    names = sorted(f.name for f in dataclasses.fields(OPDConfig))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(names))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs time
+    return set(names)
+
+
+def _trainer_arg_problems(args: dict[str, Any]) -> list[Problem]:
+    fields = trainer_arg_names()
     problems = []
     for key in args:
         if key not in fields:
@@ -182,8 +211,12 @@ def _trainer_arg_problems(args: dict[str, Any]) -> list[Problem]:
 
 
 def validate_recipe(raw: dict[str, Any], source: str = "<recipe>", pm: Any = None,
-                    origins: dict[str, str] | None = None) -> tuple[Recipe, Any]:
-    """Validate a recipe mapping; returns ``(Recipe, plugin manager)`` or raises :class:`RecipeError`."""
+                    origins: dict[str, str] | None = None, device_check: bool = True) -> tuple[Recipe, Any]:
+    """Validate a recipe mapping; returns ``(Recipe, plugin manager)`` or raises :class:`RecipeError`.
+
+    ``device_check`` also rejects GPU-only options when this machine has no GPU (``train`` does this;
+    ``validate`` reports them as notes instead, so GPU recipes can be checked anywhere).
+    """
     from opd_plugins.manager import get_plugin_manager
 
     problems: list[Problem] = []
@@ -214,8 +247,8 @@ def validate_recipe(raw: dict[str, Any], source: str = "<recipe>", pm: Any = Non
         problems.append(Problem("plugins", str(exc)))
         registry = None
 
-    if recipe is not None and registry is not None:
-        problems.extend(_semantic_problems(recipe, pm))
+    if registry is not None:
+        problems.extend(_semantic_problems(_sections(raw, recipe), pm, device_check))
 
     if problems:
         if origins:
@@ -230,7 +263,35 @@ def validate_recipe(raw: dict[str, Any], source: str = "<recipe>", pm: Any = Non
     return recipe, pm
 
 
-def _semantic_problems(recipe: Recipe, pm: Any) -> list[Problem]:
+class _Sections:
+    """The recipe's top-level sections that parsed on their own (None where a section itself is invalid),
+    so that one broken section does not hide the problems of the others."""
+
+    def __init__(self, values: dict[str, Any], invalid: set[str] | None = None) -> None:
+        self.__dict__.update(values)
+        self.invalid = invalid or set()
+
+
+def _sections(raw: dict[str, Any], recipe: Recipe | None) -> _Sections:
+    from pydantic import TypeAdapter
+
+    if recipe is not None:
+        return _Sections({k: getattr(recipe, k) for k in Recipe.model_fields})
+    values: dict[str, Any] = {}
+    invalid: set[str] = set()
+    for key, info in Recipe.model_fields.items():
+        if key not in raw:
+            values[key] = None if info.is_required() else info.get_default(call_default_factory=True)
+            continue
+        try:
+            values[key] = TypeAdapter(info.annotation).validate_python(raw[key])
+        except ValidationError:
+            values[key] = None
+            invalid.add(key)
+    return _Sections(values, invalid)
+
+
+def _semantic_problems(recipe: Any, pm: Any, device_check: bool) -> list[Problem]:
     from opd_plugins.data.tasks import validate_task_params
     from opd_plugins.models import check_model_reference
 
@@ -244,10 +305,12 @@ def _semantic_problems(recipe: Recipe, pm: Any) -> list[Problem]:
         problems += p
         if params is not None:
             built[slot] = pm.registry.get(kind, spec.name)(params)
-    for i, spec in enumerate(recipe.token_weighting):
+    for i, spec in enumerate(recipe.token_weighting or []):
         problems += _component_problems(pm, "token_weighting", spec, f"token_weighting[{i}]")[0]
     weights: dict[str, Any] = {}
     for term in ("policy_gradient", "divergence", "divergence_reward"):
+        if recipe.objective is None:
+            break
         spec = getattr(recipe.objective, term)
         p, params = _component_problems(pm, "schedule", spec, f"objective.{term}")
         problems += p
@@ -255,13 +318,13 @@ def _semantic_problems(recipe: Recipe, pm: Any) -> list[Problem]:
             weights[term] = pm.registry.get("schedule", spec.name)(params)
 
     # The model and the data.
-    msg = check_model_reference(recipe.model.name_or_path)
+    msg = check_model_reference(recipe.model.name_or_path) if recipe.model is not None else None
     if msg:
         problems.append(Problem("model.name_or_path", msg))
-    if recipe.data.task is not None:
+    if recipe.data is not None and recipe.data.task is not None:
         problems += [Problem("data.task", m) for m in validate_task_params(recipe.data.task.name, recipe.data.task.params)]
     for key in ("dataset", "eval_dataset"):
-        src = getattr(recipe.data, key)
+        src = getattr(recipe.data, key) if recipe.data is not None else None
         if src is not None:
             from opd_plugins.data.loading import DatasetSource
 
@@ -271,15 +334,16 @@ def _semantic_problems(recipe: Recipe, pm: Any) -> list[Problem]:
                 problems += pydantic_problems(exc, DatasetSource, f"data.{key}")
 
     # The trainer arguments.
-    problems += _trainer_arg_problems(recipe.trainer.args)
+    args = recipe.trainer.args if recipe.trainer is not None else {}
+    problems += _trainer_arg_problems(args)
 
     # Cross-field rules.
     uses_div = any(
         term in weights and _ever_nonzero(weights[term]) for term in ("divergence", "divergence_reward")
     )
-    if uses_div and recipe.teacher is None:
+    if uses_div and recipe.teacher is None and "teacher" not in recipe.invalid:
         problems.append(Problem("teacher", "required key is missing: objective.divergence or objective.divergence_reward is non-zero, so the recipe needs a teacher"))
-    if uses_div and recipe.divergence is None:
+    if uses_div and recipe.divergence is None and "divergence" not in recipe.invalid:
         problems.append(Problem("divergence", "required key is missing: objective.divergence or objective.divergence_reward is non-zero, so the recipe needs a divergence"))
     if "teacher" in built and "divergence" in built:
         need = built["divergence"].requires()
@@ -291,10 +355,9 @@ def _semantic_problems(recipe: Recipe, pm: Any) -> list[Problem]:
                 f"provides only {', '.join(sorted(caps))}; choose a divergence that works from "
                 f"{' or '.join(sorted(caps))} (e.g. estimator: sampled) or a teacher that gives {need!r}",
             ))
-    args = recipe.trainer.args
-    if not problems or not any(p.path.startswith("trainer.args") for p in problems):
-        problems += _batch_problems(recipe, built)
-        problems += _device_problems(recipe)
+    problems += _batch_problems(args, built)
+    if device_check:
+        problems += device_problems(recipe)
     return problems
 
 
@@ -302,8 +365,7 @@ def _ever_nonzero(schedule: Any) -> bool:
     return any(abs(schedule.value(s, 100)) > 0 for s in range(0, 101, 5))
 
 
-def _batch_problems(recipe: Recipe, built: dict[str, Any]) -> list[Problem]:
-    args = recipe.trainer.args
+def _batch_problems(args: dict[str, Any], built: dict[str, Any]) -> list[Problem]:
     num_gen = args.get("num_generations", 8)
     per_device = args.get("per_device_train_batch_size", 8)
     ga = args.get("gradient_accumulation_steps", 1)
@@ -327,31 +389,33 @@ def _batch_problems(recipe: Recipe, built: dict[str, Any]) -> list[Problem]:
     return problems
 
 
-def _device_problems(recipe: Recipe) -> list[Problem]:
+def device_problems(recipe: Recipe) -> list[Problem]:
+    """GPU-only options in a recipe, when this machine has no GPU."""
     import torch
 
     if torch.cuda.is_available():
         return []
-    args = recipe.trainer.args
+    args = recipe.trainer.args if recipe.trainer is not None else {}
     problems = []
     for key in ("bf16", "fp16", "tf32", "use_vllm"):
         if args.get(key):
             problems.append(Problem(f"trainer.args.{key}", f"{key}: true needs a GPU and none is available here; set it to false on CPU"))
     for slot in ("teacher",):
-        spec = getattr(recipe, slot)
+        spec = getattr(recipe, slot, None)
         if spec is not None and str(spec.params.get("device", "")).startswith("cuda"):
             problems.append(Problem(f"{slot}.params.device", f"device {spec.params['device']!r} needs a GPU and none is available here"))
     return problems
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, pm: Any = None) -> tuple[Recipe, Any]:
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, pm: Any = None,
+                device_check: bool = True) -> tuple[Recipe, Any]:
     """Read, override and validate a recipe file. Raises :class:`RecipeError` listing every problem."""
     raw = read_yaml(path)
     try:
         raw, origins = apply_overrides(raw, list(overrides or []))
     except RecipeError as exc:
         raise RecipeError(exc.problems, str(path)) from None
-    return validate_recipe(raw, str(path), pm=pm, origins=origins)
+    return validate_recipe(raw, str(path), pm=pm, origins=origins, device_check=device_check)
 
 
 def redact(obj: Any) -> Any:
