@@ -151,13 +151,14 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _status(message: str) -> Iterator[None]:
-    try:
+    """A spinner on a terminal; a plain line otherwise (CI logs)."""
+    if sys.stderr.isatty() and importlib.util.find_spec("rich") is not None:
         from rich.console import Console
-    except ImportError:
+
+        with Console(stderr=True).status(message):
+            yield
+    else:
         print(message, file=sys.stderr, flush=True)
-        yield
-        return
-    with Console(stderr=True).status(message):
         yield
 
 

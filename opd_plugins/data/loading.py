@@ -22,8 +22,6 @@ from opd_plugins.errors import DataError
 if TYPE_CHECKING:
     import datasets
 
-FRAMEWORK_COLUMNS = ("prompt", "answer", "hint")
-
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 # Column names that usually hold a framework column; used to suggest a `columns:` mapping.

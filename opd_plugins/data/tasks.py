@@ -430,7 +430,7 @@ class ReasoningGymTask(Task):
 
     @classmethod
     def example_params(cls) -> ReasoningGymParams:
-        return ReasoningGymParams(dataset="chain_sum", config={"min_terms": 2, "max_terms": 2, "max_digits": 1})
+        return ReasoningGymParams(dataset="chain_sum", config={"min_terms": 2, "max_terms": 2, "max_digits": 2})
 
     @classmethod
     def check_params(cls, params: TaskParams) -> list[str]:
