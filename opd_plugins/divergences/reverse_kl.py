@@ -41,3 +41,9 @@ class ReverseKL(Divergence):
             return DivergenceTerms(loss=kl, value=kl.detach())
         log_ratio = ((student.token_logps - teacher.token_logps) * mask).detach()
         return DivergenceTerms(loss=log_ratio * student.token_logps * mask, value=log_ratio)
+
+    def reward(self, student: StudentOutputs, teacher: TeacherScores) -> torch.Tensor:
+        """``−(log π_s(x_t) − log π_t(x_t))`` at the sampled token, whichever estimator the loss uses (the exact
+        per-position KL does not depend on the sampled token and would give no policy gradient)."""
+        mask = student.mask * teacher.mask
+        return (-(student.token_logps - teacher.token_logps) * mask).detach()

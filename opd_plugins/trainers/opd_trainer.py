@@ -59,6 +59,11 @@ class OPDTrainer(GRPOTrainer):
         self._capture = False
         self._staging = False
         _check_components(self.components)
+        # Pure distillation needs no task reward, but TRL requires a reward source: give it a constant one and
+        # leave advantages to the divergence.
+        self._has_rewards = bool(kwargs.get("reward_funcs")) or kwargs.get("environment_factory") is not None
+        if not self._has_rewards:
+            kwargs["reward_funcs"] = [no_task_reward]
         super().__init__(model=model, args=args, **kwargs)
         self.components.rollout.setup(self)
         if self.components.teacher is not None:
@@ -110,7 +115,7 @@ class OPDTrainer(GRPOTrainer):
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._rewards_per_func = rewards_per_func
-        if len(self.reward_funcs):
+        if self._has_rewards:
             self.pm.call("opd_rewards_scored", trainer=self, rewards_per_func=rewards_per_func,
                          reward_names=list(self.reward_func_names))
         return rewards_per_func
@@ -169,7 +174,7 @@ class OPDTrainer(GRPOTrainer):
         device = out["completion_ids"].device
         advantages = torch.zeros(B, device=device)
         num_gen = self.num_generations if mode == "train" else self.num_generations_eval
-        if len(self.reward_funcs) and self._rewards_per_func is not None:
+        if self._has_rewards and self._rewards_per_func is not None:
             rpf = self._rewards_per_func
             rewards = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1)
             rewards[torch.isnan(rpf).all(dim=1)] = torch.nan
@@ -317,6 +322,11 @@ class OPDTrainer(GRPOTrainer):
         if checkpoint is not None:
             load_component_states(checkpoint, self.components.named())
             self.pm.call("opd_checkpoint_load", trainer=self, checkpoint_dir=checkpoint)
+
+
+def no_task_reward(completions: list[Any], **kwargs: Any) -> list[float]:
+    """The constant reward used when a recipe has no task reward (pure distillation)."""
+    return [0.0] * len(completions)
 
 
 def _loss_mask(batch: dict[str, Any]) -> torch.Tensor:

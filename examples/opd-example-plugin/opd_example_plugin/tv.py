@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+MAX_LOG_RATIO = 20.0
+"""The reward clamps log π_t(x) − log π_s(x) here, so that a token the student found very unlikely cannot
+produce an overflowing reward (the ratio stays below e^20 ≈ 5e8)."""
+
 import torch
 
 from opd_plugins.components import ComponentParams
@@ -16,7 +20,9 @@ class TotalVariation(Divergence):
 
     Symmetric and bounded in [0, 1]; it needs the teacher's full-vocabulary log-probs. The loss is the same
     quantity, differentiated through the student's softmax (its gradient is bounded, unlike the KLs').
-    As a reward it is ``−TV`` per token (the :class:`~opd_plugins.divergences.base.Divergence` default).
+    As a reward (for OPD as RL) it is the single-sample estimate at the sampled token x ~ π_s,
+    ``−½ |1 − π_t(x) / π_s(x)|``, whose expectation over x is exactly ``−TV``: a reward must depend on the
+    sampled token to carry a policy gradient, which the exact per-position TV does not.
     Paper: Wen et al., "f-Divergence Minimization for Sequence-Level Knowledge Distillation" (ACL 2023),
     https://arxiv.org/abs/2307.15190 — TV is one of the f-divergences it distils with.
     """
@@ -36,6 +42,11 @@ class TotalVariation(Divergence):
         s_logps = torch.log_softmax(student.logits.float(), dim=-1)
         tv = 0.5 * (s_logps.exp() - teacher.logps.float().exp()).abs().sum(-1) * mask
         return DivergenceTerms(loss=tv, value=tv.detach())
+
+    def reward(self, student: StudentOutputs, teacher: TeacherScores) -> torch.Tensor:
+        mask = student.mask * teacher.mask
+        log_ratio = (teacher.token_logps.float() - student.token_logps.float()).detach().clamp(max=MAX_LOG_RATIO)
+        return -0.5 * (1.0 - log_ratio.exp()).abs() * mask
 
     @classmethod
     def example_params(cls) -> Params:

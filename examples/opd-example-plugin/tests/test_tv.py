@@ -61,10 +61,29 @@ def test_matches_naive_reference():
     assert terms.value[0, 3] == 0 and terms.value[1, 1] == 0
 
 
-def test_reward_is_minus_tv():
-    _, _, student, teacher = _inputs(2, 3, 5, seed=1)
+def test_reward_depends_on_the_sampled_token_and_averages_to_minus_tv():
+    """Σ_x π_s(x) · reward(x) = −TV exactly: the reward is an unbiased single-sample estimate."""
+    s_logits, t_logps, student, teacher = _inputs(2, 3, 5, seed=1)
     div = TotalVariation()
-    assert torch.allclose(div.reward(student, teacher), -div.per_token(student, teacher).value)
+    s_logps = torch.log_softmax(s_logits, -1)
+    expected = torch.zeros(2, 3)
+    for x in range(s_logits.shape[-1]):
+        tokens = torch.full((2, 3), x)
+        student_x = StudentOutputs(token_logps=s_logps[..., x], mask=student.mask, logits=s_logits)
+        teacher_x = TeacherScores(token_logps=t_logps[..., x], mask=teacher.mask, logps=t_logps)
+        reward = div.reward(student_x, teacher_x)
+        assert reward.shape == tokens.shape and (reward <= 0).all()
+        expected += s_logps[..., x].exp() * reward
+    assert torch.allclose(expected, -div.per_token(student, teacher).value, atol=1e-6)
+
+
+def test_reward_is_finite_and_masked():
+    mask = torch.tensor([[1.0, 0.0]])
+    student = StudentOutputs(token_logps=torch.tensor([[-200.0, -1e4]]), mask=mask, logits=torch.zeros(1, 2, 3))
+    teacher = TeacherScores(token_logps=torch.tensor([[-0.1, -0.1]]), mask=mask.clone(),
+                            logps=torch.log_softmax(torch.zeros(1, 2, 3), -1))
+    reward = TotalVariation().reward(student, teacher)
+    assert torch.isfinite(reward).all() and reward[0, 1] == 0 and reward[0, 0] < 0
 
 
 def test_bounded_between_zero_and_one():
