@@ -65,3 +65,14 @@ def test_signatures_match_verbatim():
         "docs/hooks.md does not show these signatures (in a ```python block under the hook's heading), "
         "rendered as f'{name}{inspect.signature(fn)}':\n" + "\n".join(wrong)
     )
+
+
+def test_firstresult_is_stated_correctly():
+    text = DOC.read_text(encoding="utf-8")
+    sections = dict(zip(HEADING.findall(text), HEADING.split(text)[2::2]))
+    wrong = []
+    for name, fn in hookspec_functions().items():
+        want = "yes" if getattr(fn, f"{PROJECT}_spec")["firstresult"] else "no"
+        if f"**firstresult:** {want}" not in sections.get(name, ""):
+            wrong.append(f"{name} (should say **firstresult:** {want})")
+    assert not wrong, "docs/hooks.md misstates firstresult for: " + ", ".join(wrong)
