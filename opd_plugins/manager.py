@@ -84,6 +84,8 @@ class OPDPluginManager(pluggy.PluginManager):
                     f"{', ' + info.label if info.dist else ''}): {type(exc).__name__}: {exc}"
                 ) from exc
         self._bad_names = []
+        if any(callable(v) and hasattr(v, f"{PROJECT}_spec") for v in vars(module).values()):
+            self.add_hookspecs(module)  # a plugin may define new hooks for other plugins to implement
         self.register(module, name=info.name)
         problems = [f"{n!r} is marked as a hook implementation but does not start with {HOOK_PREFIX!r}" for n in self._bad_names]
         spec_names = sorted(n for n in dir(self.hook) if n.startswith(HOOK_PREFIX) and self.hook.__dict__[n].has_spec())

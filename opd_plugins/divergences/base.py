@@ -38,8 +38,10 @@ class Divergence(Component):
 
     :meth:`requires` says what the teacher must provide (``sampled`` < ``topk`` < ``full``); the trainer checks
     it against the teacher's capabilities before training. :meth:`per_token` returns the loss surrogate and the
-    value; :meth:`reward` returns a per-token reward (by default ``-value``), which must depend on the sampled
-    token for the policy gradient to be right.
+    value; :meth:`reward` returns a per-token reward, which must depend on the sampled token for the policy
+    gradient to be right. The default, ``-value``, is right for sampled-token estimators only: a divergence
+    computed over the full vocabulary must override :meth:`reward` with a sampled-token estimate (the contract
+    suite checks this).
     """
 
     kind: ClassVar[str] = "divergence"

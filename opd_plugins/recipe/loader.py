@@ -232,10 +232,12 @@ def validate_recipe(raw: dict[str, Any], source: str = "<recipe>", pm: Any = Non
             pm = get_plugin_manager()
         except PluginLoadError as exc:
             raise RecipeError([Problem("", str(exc))], source) from None
+    from opd_plugins.manager import disabled_plugins
+
     plugin_list = raw.get("plugins") or []
     if isinstance(plugin_list, list):
         for i, module in enumerate(plugin_list):
-            if not isinstance(module, str):
+            if not isinstance(module, str) or module in disabled_plugins():
                 continue
             try:
                 pm.load_module(module)

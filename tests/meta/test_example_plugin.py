@@ -138,7 +138,7 @@ def test_guide_python_blocks_compile():
 
 def test_guide_has_the_files_it_uses():
     assert {"my_lab_opd.py", "recipe.yaml", "test_my_lab_opd.py", "my_lab_clip.py", "my_lab_specs.py",
-            "my_lab_watch.py", "my_lab_alert.py", "launch.py"} <= set(guide_files())
+            "my_lab_watch.py", "my_lab_alert.py"} <= set(guide_files())
 
 
 def test_guide_local_plugin_recipe_validates(guide_dir):
@@ -159,15 +159,11 @@ def test_guide_contract_test_passes(guide_dir):
 
 
 def test_guide_hook_modules_load(guide_dir):
-    """The lifecycle-hook module loads, and the new-hook plugins load once their specs are added first."""
+    """The lifecycle-hook module loads, and the new-hook plugins load after the module with their specs."""
     code = (
-        "import my_lab_specs\n"
-        "from opd_plugins.manager import OPDPluginManager, get_plugin_manager\n"
+        "from opd_plugins.manager import get_plugin_manager\n"
         "get_plugin_manager(['my_lab_opd', 'my_lab_clip'], entrypoints=False)\n"
-        "pm = OPDPluginManager()\n"
-        "pm.add_hookspecs(my_lab_specs)\n"
-        "pm.load_builtins()\n"
-        "pm.load_plugins(['my_lab_opd', 'my_lab_watch', 'my_lab_alert'])\n"
+        "pm = get_plugin_manager(['my_lab_specs', 'my_lab_opd', 'my_lab_watch', 'my_lab_alert'], entrypoints=False)\n"
         "assert pm.hook.opd_my_lab_low_reward.get_hookimpls()\n"
         "assert pm.registry.get('divergence', 'my_lab_k2')\n"
     )

@@ -181,3 +181,10 @@ def test_validate_never_loads_a_model(base, tmp_path, monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", boom)
     load_recipe(write(tmp_path, base))
+
+
+def test_disabled_recipe_plugin_is_skipped(base, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPD_DISABLE_PLUGINS", "helpers.fake_plugins_pkg.broken_import")
+    base["plugins"] = ["helpers.fake_plugins_pkg.broken_import"]
+    recipe, pm = load_recipe(write(tmp_path, base))
+    assert "helpers.fake_plugins_pkg.broken_import" not in pm.infos

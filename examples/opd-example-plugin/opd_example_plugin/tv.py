@@ -4,22 +4,22 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-MAX_LOG_RATIO = 20.0
-"""The reward clamps log π_t(x) − log π_s(x) here, so that a token the student found very unlikely cannot
-produce an overflowing reward (the ratio stays below e^20 ≈ 5e8)."""
-
 import torch
 
 from opd_plugins.components import ComponentParams
 from opd_plugins.divergences.base import Divergence, DivergenceTerms, StudentOutputs
 from opd_plugins.teachers.base import Capability, TeacherScores
 
+MAX_LOG_RATIO = 20.0
+"""The reward clamps log π_t(x) − log π_s(x) here, so that a token the student found very unlikely cannot
+produce an overflowing reward (the ratio stays below e^20 ≈ 5e8)."""
+
 
 class TotalVariation(Divergence):
     """Total variation, TV(π_student, π_teacher) = ½ Σ_v |π_s(v) − π_t(v)|, per completion token.
 
     Symmetric and bounded in [0, 1]; it needs the teacher's full-vocabulary log-probs. The loss is the same
-    quantity, differentiated through the student's softmax (its gradient is bounded, unlike the KLs').
+    quantity, differentiated through the student's softmax.
     As a reward (for OPD as RL) it is the single-sample estimate at the sampled token x ~ π_s,
     ``−½ |1 − π_t(x) / π_s(x)|``, whose expectation over x is exactly ``−TV``: a reward must depend on the
     sampled token to carry a policy gradient, which the exact per-position TV does not.
