@@ -239,7 +239,8 @@ def print_summary(console: Any, summary: dict[str, Any]) -> None:
         console.print(f"trained {summary.get('steps')} steps in {summary.get('train_seconds')} s; no held-out evaluation")
         return
     b, a = summary["before"], summary["after"]
-    table = Table(title="Held-out accuracy without privileged context")
+    console.print("[bold]Held-out accuracy without privileged context[/bold]")
+    table = Table()
     for col in ("", "accuracy", "± s.e.", "n"):
         table.add_column(col, justify="right")
     table.add_row("before", f"{b['accuracy']:.3f}", f"{b['stderr']:.3f}", str(b["n"]))

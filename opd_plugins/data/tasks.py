@@ -581,7 +581,28 @@ class ReasoningGymTask(Task):
 # registry, validation, rewards
 # --------------------------------------------------------------------------------------------------------------------
 
-TASKS: dict[str, type[Task]] = {ArithmeticTask.name: ArithmeticTask, ReasoningGymTask.name: ReasoningGymTask}
+class NumericAnswerTask(Task):
+    """Scores dataset rows whose reference answer ends with a number (GSM8K's ``... #### 72``, ``42``, ``3.5``).
+
+    It generates no prompts: use it as ``data.task`` next to ``data.dataset``. Correct when the last number in
+    the completion equals the last number in the reference answer.
+    """
+
+    name = "numeric_answer"
+
+    def build(self, split: Split, size: int, seed: int) -> datasets.Dataset:
+        raise DataError(
+            "task 'numeric_answer' only scores rows: give it together with data.dataset (rows from a file or the hub)"
+        )
+
+    def score(self, completion: str, answer: str, metadata: str | Mapping[str, Any] | None = None) -> float:
+        got, want = _as_decimal(extract_last_number(completion)), _as_decimal(extract_last_number(str(answer)))
+        return 1.0 if got is not None and want is not None and got == want else 0.0
+
+
+TASKS: dict[str, type[Task]] = {
+    ArithmeticTask.name: ArithmeticTask, ReasoningGymTask.name: ReasoningGymTask, NumericAnswerTask.name: NumericAnswerTask,
+}
 
 
 def _unknown_task(name: str, tasks: Mapping[str, type[Task]]) -> str:
