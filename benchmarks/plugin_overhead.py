@@ -1,0 +1,112 @@
+"""Plugin overhead: the same tiny-model GRPO configuration through plain TRL and through opd_plugins.
+
+Step times are measured in one process, in interleaved rounds (TRL, OPD, OPD, TRL, ...), skipping each run's
+first step (warm-up); the ratio of medians is the overhead. Peak memory (max RSS) is measured in two separate
+child processes, one per trainer, so they do not share a high-water mark.
+
+    OMP_NUM_THREADS=2 python benchmarks/plugin_overhead.py [--rounds 6 --steps 6 --hidden 256 --layers 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+def reward(completion_ids, **kwargs):
+    return [sum(1 for t in ids if t % 2 == 0) / max(len(ids), 1) for ids in completion_ids]
+
+
+def build(kind: str, out: str, steps: int, hidden: int, layers: int, seed: int = 0):
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from opd_plugins.testing import build_tiny_model, build_tokenizer
+    from opd_plugins.trainers import Components, OPDConfig, OPDTrainer
+
+    tok = build_tokenizer()
+    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} + {i + 3}?"}] for i in range(64)]})
+    common = dict(output_dir=out, max_steps=steps, per_device_train_batch_size=8, num_generations=4,
+                  max_completion_length=32, learning_rate=1e-4, logging_steps=1, report_to="none",
+                  save_strategy="no", bf16=False, use_cpu=True, seed=seed, disable_tqdm=True, loss_type="dapo")
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    model = build_tiny_model(tok, seed=seed, hidden=hidden, layers=layers)
+    if kind == "trl":
+        tr = GRPOTrainer(model=model, reward_funcs=[reward], args=GRPOConfig(**common), train_dataset=ds,
+                         processing_class=tok, callbacks=[Timer()])
+    else:
+        comps = Components.build(advantage=("grpo", {"scale": "group"}), rollout="hf_generate", sampler="none",
+                                 pg_weight=1.0)
+        tr = OPDTrainer(model=model, reward_funcs=[reward], args=OPDConfig(**common), train_dataset=ds,
+                        processing_class=tok, components=comps, callbacks=[Timer()])
+    return tr, times
+
+
+def child(kind: str, steps: int, hidden: int, layers: int) -> None:
+    with tempfile.TemporaryDirectory() as out:
+        tr, times = build(kind, out, steps, hidden, layers)
+        tr.train()
+    print(json.dumps({"kind": kind, "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "median_step_s": statistics.median(times[1:])}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--child", choices=["trl", "opd"], help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        return child(a.child, a.steps, a.hidden, a.layers)
+
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    per_kind: dict[str, list[float]] = {"trl": [], "opd": []}
+    with tempfile.TemporaryDirectory() as out:
+        for r in range(a.rounds):
+            order = ("trl", "opd") if r % 2 == 0 else ("opd", "trl")
+            for kind in order:
+                tr, times = build(kind, out, a.steps, a.hidden, a.layers, seed=r)
+                tr.train()
+                per_kind[kind] += times[1:]
+                print(f"round {r} {kind}: median {statistics.median(times[1:]) * 1000:.1f} ms/step", flush=True)
+    med = {k: statistics.median(v) for k, v in per_kind.items()}
+    mem = {}
+    for kind in ("trl", "opd"):
+        res = subprocess.run([sys.executable, __file__, "--child", kind, "--steps", str(a.steps), "--hidden",
+                              str(a.hidden), "--layers", str(a.layers)], capture_output=True, text=True, check=True)
+        mem[kind] = json.loads(res.stdout.strip().splitlines()[-1])["max_rss_mib"]
+    result = {
+        "steps_measured": {k: len(v) for k, v in per_kind.items()},
+        "median_step_ms": {k: round(v * 1000, 2) for k, v in med.items()},
+        "ratio_opd_over_trl": round(med["opd"] / med["trl"], 4),
+        "max_rss_mib": {k: round(v, 1) for k, v in mem.items()},
+        "config": vars(a), "threads": torch.get_num_threads(),
+    }
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
