@@ -40,7 +40,7 @@ def test_cpu_recipe_trains_two_steps(path, tmp_path):
         "trainer.args.per_device_train_batch_size=4", "trainer.args.max_completion_length=12",
         "evaluation.num_prompts=4", "evaluation.max_new_tokens=8",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "opd_plugins", "train", str(path), *overrides],
                          capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]

@@ -226,7 +226,22 @@ def test_reward_function_scores_a_built_dataset():
 
 
 def test_registry_holds_the_builtins():
-    assert TASKS == {"arithmetic": ArithmeticTask, "reasoning_gym": ReasoningGymTask}
+    from opd_plugins.data.tasks import NumericAnswerTask
+
+    assert TASKS == {"arithmetic": ArithmeticTask, "reasoning_gym": ReasoningGymTask,
+                     "numeric_answer": NumericAnswerTask}
+
+
+def test_numeric_answer_scores_against_the_last_number_of_the_reference():
+    from opd_plugins.data.tasks import get_task
+    from opd_plugins.errors import DataError
+
+    task = get_task("numeric_answer")
+    assert task.score("So she has 72 apples.", "48 + 24 = 72\n#### 72") == 1.0
+    assert task.score("She has 71.", "#### 72") == 0.0
+    assert task.score("no number", "#### 72") == 0.0
+    with pytest.raises(DataError, match="only scores rows"):
+        task.build("train", 4, 0)
     for name, cls in TASKS.items():
         assert cls.name == name
         assert cls.Params.model_config["extra"] == "forbid"
@@ -238,7 +253,7 @@ def test_unknown_task_suggests_the_closest_name():
         get_task("arithmetc", {})
     message = str(err.value)
     assert "Did you mean 'arithmetic'?" in message
-    assert "registered: arithmetic, reasoning_gym" in message
+    assert "registered: arithmetic, numeric_answer, reasoning_gym" in message
     assert isinstance(err.value, OPDError)
 
 
