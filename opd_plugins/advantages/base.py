@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -9,18 +10,49 @@ import torch
 from opd_plugins.components import Component
 
 
+@dataclass
+class AdvantageInputs:
+    """What an estimator may use.
+
+    * ``rewards``: ``(N,)`` total rewards of the *global* generation batch (NaN where no reward function
+      applied), in groups of ``num_generations`` consecutive completions of the same prompt.
+    * ``local``: this rank's rows of the global batch (a slice); the output covers only those rows.
+    * ``mask``: ``(B, T)`` loss mask of this rank's completions (injected hint/prefix tokens already excluded).
+    * ``token_reward``: ``(B, T)`` the divergence's per-token reward (teacher guidance), when the estimator sets
+      ``needs_token_reward`` and the recipe has a teacher and a divergence; else None.
+    * ``logps``: ``(B, T)`` the policy's log-probs of the sampled tokens (no gradient), when the estimator sets
+      ``needs_logps``; else None.
+    * ``step`` / ``max_steps``: training progress (for scheduled coefficients).
+    """
+
+    rewards: torch.Tensor
+    num_generations: int
+    local: slice | None = None
+    mask: torch.Tensor | None = None
+    token_reward: torch.Tensor | None = None
+    logps: torch.Tensor | None = None
+    step: int = 0
+    max_steps: int = 0
+
+    @property
+    def local_slice(self) -> slice:
+        return self.local if self.local is not None else slice(0, self.rewards.shape[0])
+
+
 class AdvantageEstimator(Component):
     """Base class of advantage estimators.
 
-    :meth:`compute` receives the global batch's total rewards ``(N,)`` (NaN where no reward function applied),
-    ordered in groups of ``num_generations`` completions of the same prompt, and returns ``(N,)`` sequence-level
-    (or ``(N, T)`` token-level) advantages with no NaN.
+    :meth:`compute` returns ``(B,)`` sequence-level or ``(B, T)`` token-level advantages for the rows in
+    ``inputs.local``, with no NaN. Estimators that need groups declare ``min_generations``; those that need
+    teacher guidance or the policy's log-probs set ``needs_token_reward`` / ``needs_logps``.
     """
 
     kind: ClassVar[str] = "advantage"
     min_generations: ClassVar[int] = 1
+    needs_token_reward: ClassVar[bool] = False
+    needs_logps: ClassVar[bool] = False
 
-    def compute(self, rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    def compute(self, inputs: AdvantageInputs) -> torch.Tensor:
         raise NotImplementedError
 
 

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from opd_plugins.advantages.base import AdvantageEstimator, grouped
+from opd_plugins.advantages.base import AdvantageEstimator, AdvantageInputs, grouped
 from opd_plugins.components import ComponentParams
 
 
@@ -27,7 +27,11 @@ class GRPOAdvantage(AdvantageEstimator):
         scale: Literal["group", "batch", "none"] = Field("group", description="Divide by group std, batch std, or nothing.")
         eps: float = Field(1e-4, ge=0, description="Added to the standard deviation.")
 
-    def compute(self, rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    def compute(self, inputs: AdvantageInputs) -> torch.Tensor:
+        return self.sequence_advantages(inputs.rewards, inputs.num_generations)[inputs.local_slice]
+
+    def sequence_advantages(self, rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+        """Advantages of the whole global batch ``(N,)``."""
         g = grouped(rewards.float(), num_generations)
         adv = g - torch.nanmean(g, dim=1, keepdim=True)
         if self.params.scale == "group":

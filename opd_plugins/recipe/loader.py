@@ -307,8 +307,13 @@ def _semantic_problems(recipe: Any, pm: Any, device_check: bool) -> list[Problem
         problems += p
         if params is not None:
             built[slot] = pm.registry.get(kind, spec.name)(params)
+    has_task = recipe.data is not None and recipe.data.task is not None
     for i, spec in enumerate(recipe.token_weighting or []):
-        problems += _component_problems(pm, "token_weighting", spec, f"token_weighting[{i}]")[0]
+        p, params = _component_problems(pm, "token_weighting", spec, f"token_weighting[{i}]")
+        problems += p
+        if params is not None and pm.registry.get("token_weighting", spec.name).needs_rewards and not has_task:
+            problems.append(Problem(f"token_weighting[{i}]", f"{spec.name} gates on task rewards, but the recipe has "
+                                    "no reward: add data.task (a verifiable task that scores completions)"))
     weights: dict[str, Any] = {}
     for term in ("policy_gradient", "divergence", "divergence_reward"):
         if recipe.objective is None:
@@ -347,6 +352,10 @@ def _semantic_problems(recipe: Any, pm: Any, device_check: bool) -> list[Problem
         problems.append(Problem("teacher", "required key is missing: objective.divergence or objective.divergence_reward is non-zero, so the recipe needs a teacher"))
     if uses_div and recipe.divergence is None and "divergence" not in recipe.invalid:
         problems.append(Problem("divergence", "required key is missing: objective.divergence or objective.divergence_reward is non-zero, so the recipe needs a divergence"))
+    adv = built.get("advantage")
+    if adv is not None and adv.needs_token_reward and (recipe.teacher is None or recipe.divergence is None):
+        problems.append(Problem("advantage", f"{recipe.advantage.name} turns teacher guidance into advantages: the "
+                                "recipe needs a teacher and a divergence"))
     if "teacher" in built and "divergence" in built:
         need = built["divergence"].requires()
         caps = built["teacher"].capabilities

@@ -203,32 +203,61 @@ class DivergenceContract(ComponentContract):
 
 
 class AdvantageContract(ComponentContract):
-    """Output shapes and finiteness, including zero-variance groups and unscored (NaN) rewards."""
+    """Output shapes and finiteness, including zero-variance groups, unscored (NaN) rewards, and a rank's slice.
+
+    Inputs always carry a mask, a per-token teacher reward and policy log-probs, so estimators that need them
+    are exercised too.
+    """
 
     num_generations: ClassVar[int] = 4
+    completion_len: ClassVar[int] = 5
+
+    def inputs(self, rewards: torch.Tensor, G: int, local: slice | None = None):
+        from opd_plugins.advantages.base import AdvantageInputs
+
+        g = torch.Generator().manual_seed(0)
+        n = rewards.shape[0] if local is None else len(range(*local.indices(rewards.shape[0])))
+        mask = torch.ones(n, self.completion_len)
+        mask[0, -2:] = 0
+        return AdvantageInputs(
+            rewards=rewards, num_generations=G, local=local, mask=mask,
+            token_reward=-torch.rand(n, self.completion_len, generator=g) * mask,
+            logps=-torch.rand(n, self.completion_len, generator=g) * 3 * mask, step=3, max_steps=10,
+        )
+
+    def _G(self, est) -> int:
+        return max(self.num_generations, est.min_generations)
 
     def test_shape_and_finite(self):
         est = self.make()
-        G = max(self.num_generations, est.min_generations)
+        G = self._G(est)
         rewards = torch.rand(3 * G, generator=torch.Generator().manual_seed(0))
-        adv = est.compute(rewards, G)
+        adv = est.compute(self.inputs(rewards, G))
         assert adv.shape[0] == rewards.shape[0] and adv.dim() in (1, 2)
+        if adv.dim() == 2:
+            assert adv.shape[1] == self.completion_len
         assert torch.isfinite(adv).all()
+
+    def test_local_slice(self):
+        est = self.make()
+        G = self._G(est)
+        rewards = torch.rand(4 * G, generator=torch.Generator().manual_seed(1))
+        local = slice(2 * G, 4 * G)
+        adv = est.compute(self.inputs(rewards, G, local))
+        assert adv.shape[0] == 2 * G and torch.isfinite(adv).all()
 
     def test_zero_variance_group_is_finite(self):
         est = self.make()
-        G = max(self.num_generations, est.min_generations)
+        G = self._G(est)
         rewards = torch.cat([torch.ones(G), torch.zeros(G), torch.arange(G, dtype=torch.float32)])
-        adv = est.compute(rewards, G)
-        assert torch.isfinite(adv).all()
-        assert torch.allclose(adv[:G], torch.zeros_like(adv[:G]), atol=1e-6)
+        assert torch.isfinite(est.compute(self.inputs(rewards, G))).all()
 
     def test_unscored_rows_are_finite(self):
         est = self.make()
-        G = max(self.num_generations, est.min_generations)
+        G = self._G(est)
         rewards = torch.rand(2 * G)
         rewards[0] = float("nan")
-        assert torch.isfinite(est.compute(rewards, G)).all()
+        assert torch.isfinite(est.compute(self.inputs(rewards, G))).all()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from trl import GRPOTrainer
 
-from opd_plugins.advantages.base import degenerate_groups
+from opd_plugins.advantages.base import AdvantageInputs, degenerate_groups
 from opd_plugins.divergences.base import StudentOutputs
 from opd_plugins.errors import ModelLoadError, OPDError, TeacherError
 from opd_plugins.teachers.base import CAPABILITY_ORDER, TeacherBatch, TeacherScores
@@ -123,7 +123,7 @@ class OPDTrainer(GRPOTrainer):
     def _needs_teacher(self) -> bool:
         c = self.components
         return c.teacher is not None and c.divergence is not None and (
-            self.weight(c.div_weight) != 0 or self.weight(c.div_reward_weight) != 0
+            self.weight(c.div_weight) != 0 or self.weight(c.div_reward_weight) != 0 or c.advantage.needs_token_reward
         )
 
     def _generate_and_score_completions(self, inputs):
@@ -166,37 +166,53 @@ class OPDTrainer(GRPOTrainer):
 
     def compute_advantages(self, out: dict[str, Any], rows: list[dict[str, Any]], scores: TeacherScores | None,
                            mask: torch.Tensor) -> torch.Tensor:
-        """Sequence advantages from the advantage estimator, plus the divergence's per-token reward when
-        ``div_reward_weight`` is non-zero (OPD as RL)."""
+        """Advantages from the advantage estimator, plus the divergence's per-token reward when
+        ``div_reward_weight`` is non-zero (OPD as RL). Also stores this rank's total rewards as ``out["rewards"]``
+        (read by token weightings)."""
         c = self.components
         mode = self._mode()
         B = out["completion_ids"].shape[0]
         device = out["completion_ids"].device
-        advantages = torch.zeros(B, device=device)
         num_gen = self.num_generations if mode == "train" else self.num_generations_eval
+        local = slice(self.accelerator.process_index * B, (self.accelerator.process_index + 1) * B)
         if self._has_rewards and self._rewards_per_func is not None:
             rpf = self._rewards_per_func
             rewards = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1)
             rewards[torch.isnan(rpf).all(dim=1)] = torch.nan
-            all_adv = c.advantage.compute(rewards, num_gen)
-            if all_adv.shape[0] != rewards.shape[0]:
-                raise OPDError(f"advantage {c.advantage.name!r} returned {all_adv.shape[0]} values for {rewards.shape[0]} rewards")
+        else:
+            rewards = torch.full((B * self.accelerator.num_processes,), float("nan"), device=device)
+        out["rewards"] = rewards[local].to(device)
+        token_reward = None
+        need_token_reward = c.advantage.needs_token_reward or (c.divergence is not None and self.weight(c.div_reward_weight) != 0)
+        if need_token_reward and scores is not None and c.divergence is not None:
+            token_reward = c.divergence.reward(self.student_outputs(self.model, out, grad=False), scores) * mask
+            self._log("opd/divergence_reward", float(token_reward.sum() / mask.sum().clamp(min=1)))
+        logps = None
+        if c.advantage.needs_logps:
+            logps = out.get("old_per_token_logps")
+            if logps is None:
+                logps = self.student_outputs(self.model, out, grad=False).token_logps
+        inputs = AdvantageInputs(rewards=rewards, num_generations=num_gen, local=local, mask=mask,
+                                 token_reward=token_reward if c.advantage.needs_token_reward else None,
+                                 logps=logps, step=self.state.global_step, max_steps=self.state.max_steps or 0)
+        if self._has_rewards or c.advantage.needs_token_reward:
+            advantages = c.advantage.compute(inputs).to(device)
+            if advantages.shape[0] != B:
+                raise OPDError(f"advantage {c.advantage.name!r} returned {advantages.shape[0]} values for {B} completions")
+        else:
+            advantages = torch.zeros(B, device=device)
+        if self._has_rewards:
             degenerate = degenerate_groups(rewards, num_gen)
             self._log("opd/degenerate_group_frac", len(degenerate) / max(rewards.numel() // num_gen, 1))
             if degenerate:
                 self.pm.call("opd_degenerate_groups", trainer=self, groups=degenerate, rewards=rewards)
-                start = self.accelerator.process_index * B
-                local = [g * num_gen - start for g in degenerate if 0 <= g * num_gen - start < B]
-                c.sampler.on_degenerate_groups([rows[i] for i in local], self.state.global_step)
-            advantages = all_adv[self.accelerator.process_index * B:(self.accelerator.process_index + 1) * B].to(device)
+                local_rows = [g * num_gen - local.start for g in degenerate if 0 <= g * num_gen - local.start < B]
+                c.sampler.on_degenerate_groups([rows[i] for i in local_rows], self.state.global_step)
         w_r = self.weight(c.div_reward_weight) if c.divergence is not None else 0.0
-        if w_r != 0 and scores is not None:
-            student = self.student_outputs(self.model, out, grad=False)
-            token_reward = c.divergence.reward(student, scores)
-            self._log("opd/divergence_reward", float((token_reward * mask).sum() / mask.sum().clamp(min=1)))
+        if w_r != 0 and token_reward is not None:
             if advantages.dim() == 1:
                 advantages = advantages.unsqueeze(1) * mask
-            advantages = advantages + w_r * token_reward * mask
+            advantages = advantages + w_r * token_reward
         return advantages
 
     # ------------------------------------------------------------------------------------------------------

@@ -84,13 +84,13 @@ def test_sampled_reward_is_minus_log_ratio_of_sampled_token():
 
 def test_grpo_hand_computed():
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0])
-    adv = GRPOAdvantage().compute(rewards, 2)
+    adv = GRPOAdvantage().sequence_advantages(rewards, 2)
     # group 0: mean .5, std (Bessel) .7071 -> ±.5/.7072; group 1: all equal -> 0; group 2: all equal -> 0
     s = 0.5 / (math.sqrt(0.5) + 1e-4)
     assert torch.allclose(adv, torch.tensor([s, -s, 0, 0, 0, 0]), atol=1e-6)
-    none = GRPOAdvantage(GRPOAdvantage.Params(scale="none")).compute(rewards, 2)
+    none = GRPOAdvantage(GRPOAdvantage.Params(scale="none")).sequence_advantages(rewards, 2)
     assert torch.allclose(none, torch.tensor([0.5, -0.5, 0, 0, 0, 0]))
-    batch = GRPOAdvantage(GRPOAdvantage.Params(scale="batch")).compute(rewards, 2)
+    batch = GRPOAdvantage(GRPOAdvantage.Params(scale="batch")).sequence_advantages(rewards, 2)
     assert torch.allclose(batch, none / (rewards.std() + 1e-4), atol=1e-6)
 
 
@@ -104,7 +104,15 @@ def test_grpo_matches_trl_formula():
     mean = torch.nanmean(rewards.view(-1, G), 1).repeat_interleave(G)
     std = nanstd(rewards.view(-1, G), dim=1).repeat_interleave(G)
     ref = torch.nan_to_num((rewards - mean) / (std + 1e-4), nan=0.0)
-    assert torch.allclose(GRPOAdvantage().compute(rewards, G), ref, atol=1e-6)
+    assert torch.allclose(GRPOAdvantage().sequence_advantages(rewards, G), ref, atol=1e-6)
+
+
+def test_grpo_zero_variance_group_gets_zero_advantage():
+    from opd_plugins.advantages import AdvantageInputs
+
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    adv = GRPOAdvantage().compute(AdvantageInputs(rewards, 2, local=slice(0, 2)))
+    assert torch.equal(adv, torch.zeros(2))
 
 
 def test_degenerate_groups():
