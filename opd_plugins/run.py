@@ -270,7 +270,9 @@ def plot_curves(run_dir: Path, summary: dict[str, Any]) -> Path | None:
         if key == "held-out accuracy":
             vals = [summary["before"]["accuracy"], summary["after"]["accuracy"]]
             errs = [summary["before"]["stderr"], summary["after"]["stderr"]]
-            ax.bar(["before", "after"], vals, yerr=errs, color=["#999999", "#3a7bd5"])
+            bars = ax.bar(["before", "after"], vals, yerr=errs, color=["#999999", "#3a7bd5"], capsize=4)
+            for bar, v in zip(bars, vals, strict=True):
+                ax.text(bar.get_x() + bar.get_width() / 2, min(v + 0.03, 0.95), f"{v:.3f}", ha="center")
             ax.set_ylim(0, 1)
         else:
             pts = [(r["step"], r[key]) for r in rows if key in r]
