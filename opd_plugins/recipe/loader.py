@@ -306,7 +306,14 @@ def _semantic_problems(recipe: Any, pm: Any, device_check: bool) -> list[Problem
         p, params = _component_problems(pm, kind, spec, slot)
         problems += p
         if params is not None:
-            built[slot] = pm.registry.get(kind, spec.name)(params)
+            try:
+                built[slot] = pm.registry.get(kind, spec.name)(params)
+            except ValueError as exc:
+                problems.append(Problem(f"{slot}.params", str(exc)))
+                continue
+            nested = getattr(built[slot], "nested_problems", None)
+            if nested is not None:
+                problems += [Problem(f"{slot}.params.{path}", msg) for path, msg in nested(pm)]
     has_task = recipe.data is not None and recipe.data.task is not None
     for i, spec in enumerate(recipe.token_weighting or []):
         p, params = _component_problems(pm, "token_weighting", spec, f"token_weighting[{i}]")

@@ -3,12 +3,13 @@
 from opd_plugins import hookimpl
 from opd_plugins.teachers.base import Teacher, TeacherBatch, TeacherScores
 from opd_plugins.teachers.hf_model import HFModelTeacher
+from opd_plugins.teachers.router import RouterTeacher
 from opd_plugins.teachers.self_context import SelfContextTeacher
 
 
 @hookimpl
 def opd_register_components():
-    return [HFModelTeacher, SelfContextTeacher]
+    return [HFModelTeacher, SelfContextTeacher, RouterTeacher]
 
 
-__all__ = ["Teacher", "TeacherBatch", "TeacherScores", "HFModelTeacher", "SelfContextTeacher"]
+__all__ = ["Teacher", "TeacherBatch", "TeacherScores", "HFModelTeacher", "RouterTeacher", "SelfContextTeacher"]

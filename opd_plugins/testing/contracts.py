@@ -296,15 +296,19 @@ def teacher_batch(tokenizer: Any, n: int = 3, completion_len: int = 6, seed: int
 class TeacherContract(ComponentContract):
     """Log-prob shape, dtype, masking and token alignment (batched scores equal each row scored alone).
 
-    Params named ``model`` are pointed at the tiny test model (``opd_tiny_model_dir``).
+    Params named ``model`` are pointed at the tiny test model (``opd_tiny_model_dir``); a teacher can instead
+    define ``contract_params(model_dir) -> Params`` to say how.
     """
 
     @pytest.fixture
     def teacher(self, opd_tiny_model_dir, opd_tokenizer):
         from opd_plugins.testing.models import build_tiny_model
 
-        overrides = {"model": str(opd_tiny_model_dir)} if "model" in self.component.Params.model_fields else {}
-        comp = self.make(**overrides)
+        if hasattr(self.component, "contract_params"):  # a teacher that wraps others says how to point them at it
+            comp = self.component(self.component.contract_params(str(opd_tiny_model_dir)))
+        else:
+            overrides = {"model": str(opd_tiny_model_dir)} if "model" in self.component.Params.model_fields else {}
+            comp = self.make(**overrides)
         comp.setup(fake_trainer(build_tiny_model(opd_tokenizer, seed=0), opd_tokenizer))
         return comp
 
