@@ -39,6 +39,20 @@ def _parser() -> argparse.ArgumentParser:
     g = t.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in output_dir")
     g.add_argument("--overwrite", action="store_true", help="delete an existing output_dir first")
+
+    from opd_plugins import serve  # stdlib-only at import time
+
+    st = sub.add_parser("serve-teacher", help="serve a teacher's log-probs over an OpenAI-compatible API",
+                        description="Serve MODEL's prompt log-probs (vLLM's /v1/completions subset) for the "
+                        "openai_server teacher.", epilog=serve.HELP_EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_arguments(st)
+
+    from opd_plugins import precompute
+
+    pc = sub.add_parser("precompute-teacher", help="score rollouts with the recipe's teacher into an offline cache",
+                        description=precompute.__doc__.strip().splitlines()[0] if precompute.__doc__ else None)
+    precompute.add_arguments(pc)
     return p
 
 
@@ -102,9 +116,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_teacher(args: argparse.Namespace) -> int:
+    from opd_plugins.serve import run
+
+    return run(args)
+
+
+def cmd_precompute_teacher(args: argparse.Namespace) -> int:
+    from opd_plugins.precompute import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"validate": cmd_validate, "list": cmd_list, "train": cmd_train}[args.command]
+    handler = {"validate": cmd_validate, "list": cmd_list, "train": cmd_train,
+               "serve-teacher": cmd_serve_teacher,
+               "precompute-teacher": cmd_precompute_teacher}[args.command]
     try:
         return handler(args)
     except OPDError as exc:

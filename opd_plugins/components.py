@@ -72,5 +72,9 @@ class Component:
         if state:
             raise ValueError(f"{type(self).__name__} has no state but was given keys {sorted(state)}")
 
+    def close(self) -> None:
+        """Release what the component holds (threads, connections, spawned servers). Idempotent; called once
+        training ends (``OPDTrainer.close_components``), also after a failure."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params!r})"

@@ -8,7 +8,6 @@ The run directory (``output_dir``) holds: ``recipe.yaml`` (resolved, secrets red
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import sys
@@ -201,27 +200,30 @@ def train(recipe: Recipe, pm: Any, *, resume: bool = False, overwrite: bool = Fa
 
     write_run_files(out, recipe, pm, argv)
     trainer = build_trainer(recipe, pm, train_dataset=train_ds, task=task, callbacks=_callbacks(out))
-    do_eval = recipe.evaluation.enabled and eval_ds is not None and task is not None
-    summary: dict[str, Any] = {"recipe": recipe.source, "output_dir": str(out)}
-    before_path = out / "eval_before.json"
-    if do_eval and trainer.accelerator.is_main_process:
-        if before_path.exists():
-            before = json.loads(before_path.read_text())
-        else:
-            before = run_evaluation(trainer, recipe, eval_ds, task, "evaluating before training")
-            before_path.write_text(json.dumps(before, indent=1))
-        summary["before"] = before
-    t0 = time.time()
-    trainer.train(resume_from_checkpoint=checkpoint)
-    summary["train_seconds"] = round(time.time() - t0, 1)
-    summary["steps"] = trainer.state.global_step
-    trainer.save_model(str(out / "final"))
-    if trainer.accelerator.is_main_process:
-        if do_eval:
-            summary["after"] = run_evaluation(trainer, recipe, eval_ds, task, "evaluating after training")
-        (out / "eval_summary.json").write_text(json.dumps(summary, indent=1))
-        plot_curves(out, summary)
-        print_summary(console, summary)
+    try:
+        do_eval = recipe.evaluation.enabled and eval_ds is not None and task is not None
+        summary: dict[str, Any] = {"recipe": recipe.source, "output_dir": str(out)}
+        before_path = out / "eval_before.json"
+        if do_eval and trainer.accelerator.is_main_process:
+            if before_path.exists():
+                before = json.loads(before_path.read_text())
+            else:
+                before = run_evaluation(trainer, recipe, eval_ds, task, "evaluating before training")
+                before_path.write_text(json.dumps(before, indent=1))
+            summary["before"] = before
+        t0 = time.time()
+        trainer.train(resume_from_checkpoint=checkpoint)
+        summary["train_seconds"] = round(time.time() - t0, 1)
+        summary["steps"] = trainer.state.global_step
+        trainer.save_model(str(out / "final"))
+        if trainer.accelerator.is_main_process:
+            if do_eval:
+                summary["after"] = run_evaluation(trainer, recipe, eval_ds, task, "evaluating after training")
+            (out / "eval_summary.json").write_text(json.dumps(summary, indent=1))
+            plot_curves(out, summary)
+            print_summary(console, summary)
+    finally:
+        trainer.close_components()
     return summary
 
 

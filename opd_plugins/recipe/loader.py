@@ -80,6 +80,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> tuple[dict[str
     origins: dict[str, str] = {}
     for text in overrides:
         parts, value = parse_override(text)
+        text = _redact_override(parts[-1], text)  # as shown in messages
         node: Any = out
         for i, part in enumerate(parts[:-1]):
             if isinstance(node, list):
@@ -103,6 +104,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> tuple[dict[str
             raise RecipeError(f"override {text!r}: {'.'.join(parts[:-1])} is not a mapping")
         origins[".".join(parts)] = text
     return out, origins
+
+
+def _redact_override(key: str, text: str) -> str:
+    """``key=value`` as the user typed it, with the value hidden when the key looks like a secret."""
+    lowered = key.lower()
+    if any(w in lowered for w in SECRET_WORDS) and not lowered.endswith("_env"):
+        return text.split("=", 1)[0] + "=***"
+    return text
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -318,7 +327,7 @@ def _semantic_problems(recipe: Any, pm: Any, device_check: bool) -> list[Problem
     for i, spec in enumerate(recipe.token_weighting or []):
         p, params = _component_problems(pm, "token_weighting", spec, f"token_weighting[{i}]")
         problems += p
-        if params is not None and pm.registry.get("token_weighting", spec.name).needs_rewards and not has_task:
+        if params is not None and not has_task and pm.registry.get("token_weighting", spec.name)(params).requires_rewards():
             problems.append(Problem(f"token_weighting[{i}]", f"{spec.name} gates on task rewards, but the recipe has "
                                     "no reward: add data.task (a verifiable task that scores completions)"))
     weights: dict[str, Any] = {}
@@ -404,6 +413,10 @@ def _batch_problems(args: dict[str, Any], built: dict[str, Any]) -> list[Problem
             f"advantage {adv.name!r} needs groups of at least {adv.min_generations} completions per prompt, "
             f"got num_generations={num_gen}",
         ))
+    check = getattr(adv, "num_generations_problem", None)
+    message = check(num_gen) if check is not None and isinstance(num_gen, int) else None
+    if message:
+        problems.append(Problem("trainer.args.num_generations", message))
     return problems
 
 

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from opd_plugins.correction import CorrectionSpec
+
 SLOT_KINDS: dict[str, str] = {
     "teacher": "teacher",
     "divergence": "divergence",
@@ -121,6 +123,9 @@ class Recipe(Strict):
     rollout: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="hf_generate"))
     token_weighting: list[ComponentSpec] = Field(default_factory=list)
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
+    correction: CorrectionSpec = Field(default_factory=CorrectionSpec, description=(
+        "Rollout-mismatch correction: a preset (tis, mis, icepop, none), {preset: ..., <field overrides>}, or "
+        "{mode, clip_max, clip_min}. See docs/correction.md."))
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     output_dir: str
     seed: int = 0

@@ -3,11 +3,13 @@
 from opd_plugins import hookimpl
 from opd_plugins.rollout.base import RolloutBackend
 from opd_plugins.rollout.hf_generate import HFGenerate
+from opd_plugins.rollout.perturbed import PerturbedHFGenerate
+from opd_plugins.rollout.replay import ReplayRollout
 
 
 @hookimpl
 def opd_register_components():
-    return [HFGenerate]
+    return [HFGenerate, PerturbedHFGenerate, ReplayRollout]
 
 
-__all__ = ["RolloutBackend", "HFGenerate"]
+__all__ = ["RolloutBackend", "HFGenerate", "PerturbedHFGenerate", "ReplayRollout"]

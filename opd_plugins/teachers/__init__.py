@@ -3,13 +3,16 @@
 from opd_plugins import hookimpl
 from opd_plugins.teachers.base import Teacher, TeacherBatch, TeacherScores
 from opd_plugins.teachers.hf_model import HFModelTeacher
+from opd_plugins.teachers.offline_cache import OfflineCacheTeacher
+from opd_plugins.teachers.openai_server import OpenAIServerTeacher
 from opd_plugins.teachers.router import RouterTeacher
 from opd_plugins.teachers.self_context import SelfContextTeacher
 
 
 @hookimpl
 def opd_register_components():
-    return [HFModelTeacher, SelfContextTeacher, RouterTeacher]
+    return [HFModelTeacher, SelfContextTeacher, RouterTeacher, OpenAIServerTeacher, OfflineCacheTeacher]
 
 
-__all__ = ["Teacher", "TeacherBatch", "TeacherScores", "HFModelTeacher", "RouterTeacher", "SelfContextTeacher"]
+__all__ = ["Teacher", "TeacherBatch", "TeacherScores", "HFModelTeacher", "OfflineCacheTeacher", "OpenAIServerTeacher", "RouterTeacher",
+           "SelfContextTeacher"]

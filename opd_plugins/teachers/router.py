@@ -91,6 +91,10 @@ class RouterTeacher(Teacher):
             self.routes[key] = teacher
         self.capabilities = frozenset.intersection(*(frozenset(t.capabilities) for t in self.routes.values()))
 
+    def close(self) -> None:
+        for teacher in self.routes.values():
+            teacher.close()
+
     def _route(self, row: dict[str, Any]) -> str:
         value = row.get(self.params.column)
         if value is None and self.params.column not in row:

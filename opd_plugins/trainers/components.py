@@ -29,8 +29,12 @@ class Components:
     pg_weight: Any = field(default_factory=lambda: _constant(1.0))
     div_weight: Any = field(default_factory=lambda: _constant(0.0))
     div_reward_weight: Any = field(default_factory=lambda: _constant(0.0))
+    correction: Any = None  # a CorrectionSpec, or anything CorrectionSpec.model_validate takes ("tis", {...})
 
     def __post_init__(self) -> None:
+        from opd_plugins.correction import CorrectionSpec
+
+        self.correction = CorrectionSpec.model_validate(self.correction)
         if self.advantage is None:
             from opd_plugins.advantages import GRPOAdvantage
 
@@ -62,14 +66,17 @@ class Components:
                  "rollout": "rollout", "pg_weight": "schedule", "div_weight": "schedule", "div_reward_weight": "schedule"}
         resolved: dict[str, Any] = {}
         for slot, value in slots.items():
-            if slot == "token_weighting":
+            if slot == "correction":
+                resolved[slot] = value
+            elif slot == "token_weighting":
                 resolved[slot] = [_resolve(pm, "token_weighting", v) for v in value]
             elif slot in kinds:
                 if kinds[slot] == "schedule" and isinstance(value, (int, float)):
                     value = ("constant", {"value": float(value)})
                 resolved[slot] = _resolve(pm, kinds[slot], value)
             else:
-                raise TypeError(f"unknown component slot {slot!r}; slots are {', '.join([*kinds, 'token_weighting'])}")
+                raise TypeError(f"unknown component slot {slot!r}; slots are "
+                                f"{', '.join([*kinds, 'token_weighting', 'correction'])}")
         return cls(**resolved)
 
     @classmethod
@@ -81,7 +88,7 @@ class Components:
             sampler=spec(recipe.sampler), rollout=spec(recipe.rollout),
             token_weighting=[spec(s) for s in recipe.token_weighting],
             pg_weight=spec(recipe.objective.policy_gradient), div_weight=spec(recipe.objective.divergence),
-            div_reward_weight=spec(recipe.objective.divergence_reward),
+            div_reward_weight=spec(recipe.objective.divergence_reward), correction=recipe.correction,
         )
 
     def named(self) -> dict[str, Component]:

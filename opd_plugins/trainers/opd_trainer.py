@@ -23,6 +23,7 @@ import torch
 from trl import GRPOTrainer
 
 from opd_plugins.advantages.base import AdvantageInputs, degenerate_groups
+from opd_plugins.correction import combine_stats, importance_weights, weight_advantages
 from opd_plugins.divergences.base import StudentOutputs
 from opd_plugins.errors import ModelLoadError, OPDError, TeacherError
 from opd_plugins.teachers.base import CAPABILITY_ORDER, TeacherBatch, TeacherScores
@@ -63,12 +64,31 @@ class OPDTrainer(GRPOTrainer):
         # leave advantages to the divergence.
         self._has_rewards = bool(kwargs.get("reward_funcs")) or kwargs.get("environment_factory") is not None
         if not self._has_rewards:
+            gated = [tw.name for tw in self.components.token_weighting if tw.requires_rewards()]
+            if gated:
+                raise OPDError(f"token weighting {', '.join(gated)} gates on task rewards, but the trainer has no "
+                               "reward_funcs")
             kwargs["reward_funcs"] = [no_task_reward]
         super().__init__(model=model, args=args, **kwargs)
+        if self.components.correction.mode != "none" and self.use_vllm and self.vllm_importance_sampling_correction:
+            raise OPDError("correction is set but TRL's own vLLM importance-sampling correction is also on, which "
+                           "would weight every token twice; set vllm_importance_sampling_correction=False")
         self.components.rollout.setup(self)
         if self.components.teacher is not None:
             self.components.teacher.setup(self)
         self.pm.call("opd_trainer_init", trainer=self)
+
+    def close_components(self) -> None:
+        """Call every component's ``close()`` (threads, connections, spawned teacher servers). Each failure is
+        reported after the others have closed."""
+        errors = []
+        for name, component in self.components.named().items():
+            try:
+                component.close()
+            except Exception as exc:  # noqa: BLE001 - close the rest first
+                errors.append(f"{name} ({component.name}): {exc}")
+        if errors:
+            raise OPDError("closing components failed: " + "; ".join(errors))
 
     # ------------------------------------------------------------------------------------------------------
     # Small helpers subclasses may override
@@ -132,8 +152,8 @@ class OPDTrainer(GRPOTrainer):
             out = super()._generate_and_score_completions(inputs)
         finally:
             self._rows = None
-        c = self.components
         mask = _loss_mask(out)
+        self.apply_correction(out, mask)
         scores = None
         if self._needs_teacher():
             scores = self.score_teacher(out, inputs)
@@ -141,6 +161,31 @@ class OPDTrainer(GRPOTrainer):
         out["advantages"] = self.compute_advantages(out, inputs, scores, mask)
         self.pm.call("opd_advantages_computed", trainer=self, batch=out, advantages=out["advantages"])
         return out
+
+    def apply_correction(self, out: dict[str, Any], mask: torch.Tensor) -> None:
+        """Importance weights for rollouts whose backend reported behaviour log-probs (docs/correction.md).
+
+        Stores ``out["correction_weights"]`` (B, T) unless the mode is ``none``, and logs ``correction/*``."""
+        behaviour = out.get("sampling_per_token_logps")
+        if behaviour is None:
+            return
+        train = out.get("old_per_token_logps")
+        if train is None:  # TRL skips it when generation and optimisation are aligned: one no-grad forward
+            ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+            attention = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+            batch_size = (self.args.per_device_train_batch_size if self._mode() == "train"
+                          else self.args.per_device_eval_batch_size)
+            with torch.no_grad():
+                train, _, _ = self._get_per_token_logps_and_entropies(
+                    self.model, ids, attention, out["completion_ids"].shape[1], batch_size=batch_size)
+        spec = self.components.correction
+        result = importance_weights(train, behaviour, mask, spec)
+        if spec.mode != "none":
+            out["correction_weights"] = result.weights
+        from accelerate.utils import gather_object
+
+        for key, value in combine_stats(gather_object([result.stats])).items():
+            self._log(f"correction/{key}", value)
 
     def score_teacher(self, out: dict[str, Any], rows: list[dict[str, Any]]) -> TeacherScores:
         c = self.components
@@ -230,7 +275,8 @@ class OPDTrainer(GRPOTrainer):
     def student_outputs(self, model: Any, inputs: dict[str, Any], *, grad: bool = True) -> StudentOutputs:
         """The student's per-token log-probs (and logits when the divergence needs the full vocabulary)."""
         mask = _loss_mask(inputs)
-        full = self.components.divergence.requires() == "full"
+        divergence = self.components.divergence
+        full = divergence is not None and divergence.requires() in ("topk", "full")  # both read student logits
         if grad and not full and self._captured_logps is not None:
             logps, self._captured_logps = self._captured_logps, None
             return StudentOutputs(token_logps=logps, mask=mask)
@@ -259,6 +305,9 @@ class OPDTrainer(GRPOTrainer):
         w_div = self.weight(c.div_weight) if c.divergence is not None else 0.0
         terms: dict[str, torch.Tensor] = {}
         self._captured_logps = None
+        correction = inputs.get("correction_weights")
+        if correction is not None:  # w ≥ 0 commutes with PPO's min: equals weighting the per-token PG loss
+            inputs = {**inputs, "advantages": weight_advantages(inputs["advantages"], correction)}
         if w_pg != 0 or w_div == 0:
             self._capture = w_div != 0
             pg = super()._compute_loss(model, inputs)
@@ -289,11 +338,16 @@ class OPDTrainer(GRPOTrainer):
         terms = c.divergence.per_token(student, teacher)
         mask = student.mask * teacher.mask
         weights = torch.ones_like(mask)
+        if inputs.get("correction_weights") is not None:  # the divergence's tokens were visited under μ too
+            weights = weights * inputs["correction_weights"]
         if c.token_weighting:
             detached = StudentOutputs(student.token_logps.detach(), mask,
                                       None if student.logits is None else student.logits.detach())
-            for tw in c.token_weighting:
+            for i, tw in enumerate(c.token_weighting):
                 weights = weights * tw.weights(inputs, detached, teacher)
+                tag = tw.name if [t.name for t in c.token_weighting].count(tw.name) == 1 else f"{tw.name}_{i}"
+                for key, value in (getattr(tw, "last_stats", None) or {}).items():
+                    self._log(f"token_weighting/{tag}/{key}", float(value))
         loss = (terms.loss * weights * mask).sum() / self._token_normalizer(inputs)
         stats = self.accelerator.reduce(torch.stack([(terms.value * mask).sum(), mask.sum()]).detach(), reduction="sum")
         self._log("opd/divergence", float(stats[0] / stats[1].clamp(min=1)))

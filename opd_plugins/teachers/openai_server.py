@@ -1,0 +1,425 @@
+"""``openai_server``: a teacher behind an OpenAI-compatible scoring API (vLLM, or ``opd-plugins serve-teacher``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from opd_plugins.components import ComponentParams
+from opd_plugins.errors import OPDError, TeacherError
+from opd_plugins.teachers.base import Capability, Teacher, TeacherBatch, TeacherScores
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PROBE_TEXT = "The answer is 42. Check: 6 * 7 = 42, so we are done."
+_RETRY_STATUSES = {408, 429}
+
+
+class _Retryable(Exception):
+    """A transient failure (connection, timeout, HTTP 5xx/408/429, malformed JSON): try again after a backoff."""
+
+
+class OpenAIServerTeacher(Teacher):
+    """A teacher behind an HTTP server (vllm serve, opd-plugins serve-teacher): vLLM prompt_logprobs on token ids.
+
+    Each row's student prompt (left padding stripped) and completion are sent as token ids; the server returns
+    the log-prob of every token given the ones before it (vLLM's ``prompt_logprobs``), plus the top ``top_k``
+    tokens. This is how TRL's ``ServerDistillationTrainer``, verl and tinker score with a served teacher, and it
+    keeps the teacher out of training memory. Works with ``vllm serve`` and ``opd-plugins serve-teacher``
+    (``spawn_local_server: true`` starts the latter for ``model`` on a free loopback port).
+
+    Every response is checked before it reaches the loss: one entry per token, each containing the token id that
+    was sent; a mismatch is a :class:`TeacherError` naming the row, never misaligned training data. Transient
+    failures (connection refused/reset, timeouts, HTTP 5xx, malformed JSON) are retried with exponential backoff;
+    other HTTP 4xx fail at once. At setup the teacher checks the served model name, that the server's tokens
+    decode like the student's (same tokenizer), and, at a temperature other than 1, that the server applies it.
+    ``entropy`` is the top-k part of the teacher entropy, ``-Σ_{top-k} p log p`` (a lower bound; None when
+    ``top_k`` is 0). Paper: Thinking Machines, "On-Policy Distillation" (2025),
+    https://thinkingmachines.ai/blog/on-policy-distillation/
+    """
+
+    name: ClassVar[str] = "openai_server"
+    capabilities: ClassVar[frozenset[str]] = frozenset({"sampled", "topk"})
+
+    class Params(ComponentParams):
+        base_url: str | None = Field(None, description="Server root, e.g. http://127.0.0.1:8000 (a trailing /v1 "
+                                     "is accepted). Leave unset with spawn_local_server.")
+        model: str | None = Field(None, description="Model name sent to the server (default: the first it serves); "
+                                  "with spawn_local_server, the checkpoint to serve.")
+        top_k: int = Field(0, ge=0, description="Also return the teacher's top-k per token (0 = sampled-token "
+                           "log-probs only; vLLM needs --max-logprobs >= top_k).")
+        api_key_env: str | None = Field(None, description="NAME of the environment variable holding the API key "
+                                        "(sent as 'Authorization: Bearer'); the key never goes in the recipe.")
+        timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for one HTTP response.")
+        max_retries: int = Field(3, ge=0, description="Retries of a request after a transient failure.")
+        backoff_s: float = Field(1.0, ge=0, description="First retry delay; doubles on each retry.")
+        concurrency: int = Field(4, ge=1, description="Requests in flight at once.")
+        sequences_per_request: int = Field(8, ge=1, description="Rows sent per request.")
+        temperature: float | None = Field(None, gt=0, description="Scoring temperature (default: the sampling "
+                                          "temperature).")
+        spawn_local_server: bool = Field(False, description="Start 'opd-plugins serve-teacher <model>' on a free "
+                                         "loopback port at setup (stopped at exit) instead of using base_url.")
+        spawn_args: list[str] = Field(default_factory=list, description="Extra serve-teacher arguments for the "
+                                      "spawned server, e.g. ['--dtype', 'bfloat16', '--max-batch', '16'].")
+        spawn_timeout_s: float = Field(600.0, gt=0, description="Seconds to wait for the spawned server to load.")
+        check_tokenizer: bool = Field(True, description="At setup, check that the server's tokens decode like the "
+                                      "student tokenizer's.")
+        allow_nonfinite: bool = Field(False, description="Mask and count NaN/inf teacher log-probs instead of failing.")
+
+        @field_validator("base_url")
+        @classmethod
+        def _normalise_url(cls, v: str | None) -> str | None:
+            if v is None:
+                return v
+            v = v.strip().rstrip("/")
+            return v[: -len("/v1")] if v.endswith("/v1") else v
+
+        @model_validator(mode="after")
+        def _check(self) -> "OpenAIServerTeacher.Params":
+            # Model-level errors: the loader does not echo the input, so a key pasted by mistake is not printed.
+            if self.api_key_env is not None and not _ENV_NAME.match(self.api_key_env):
+                raise ValueError("api_key_env must be the NAME of an environment variable that holds the key (e.g. "
+                                 "TEACHER_API_KEY), not the key itself; export the key in that variable")
+            if self.spawn_local_server:
+                if not self.model:
+                    raise ValueError("spawn_local_server needs model (the checkpoint to serve)")
+                if self.base_url is not None:
+                    raise ValueError("set either base_url (a running server) or spawn_local_server: true, not both")
+            elif self.base_url is None:
+                raise ValueError("base_url is required (e.g. http://127.0.0.1:8000), unless spawn_local_server: true")
+            else:
+                parts = urllib.parse.urlsplit(self.base_url)
+                if parts.scheme not in ("http", "https") or not parts.hostname:
+                    raise ValueError("base_url must look like http://HOST:PORT (or https://...)")
+                if parts.username or parts.password:
+                    raise ValueError("base_url must not contain credentials; put the key in the variable named by "
+                                     "api_key_env")
+            return self
+
+    def __init__(self, params: Params | None = None) -> None:
+        super().__init__(params)
+        self.base_url: str | None = self.params.base_url
+        self.model_name: str | None = None
+        self.temperature = 1.0
+        self._api_key: str | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._spawn_key: tuple | None = None
+
+    @classmethod
+    def example_params(cls) -> Params:
+        # The contract suite points `model` at a tiny local checkpoint and serves it on loopback.
+        return cls.Params(model="tiny-teacher", spawn_local_server=True)
+
+    # -- setup -------------------------------------------------------------------------------------------------
+    def setup(self, trainer: Any) -> None:
+        p = self.params
+        if p.api_key_env:
+            key = os.environ.get(p.api_key_env)
+            if not key:
+                raise TeacherError(f"teacher openai_server: api_key_env names the environment variable "
+                                   f"{p.api_key_env}, which is not set (or empty). Export the server's API key in "
+                                   f"{p.api_key_env} on every training process.")
+            self._api_key = key
+        if p.spawn_local_server:
+            from opd_plugins.models import resolve_model_path
+            from opd_plugins.serve import acquire_local_server
+
+            try:
+                self.base_url, self._spawn_key = acquire_local_server(
+                    resolve_model_path(p.model), served_model_name=p.model, extra_args=p.spawn_args,
+                    api_key_env=p.api_key_env, timeout_s=p.spawn_timeout_s)
+            except OPDError as exc:
+                raise TeacherError(f"teacher openai_server: spawn_local_server failed: {exc}") from None
+        self.temperature = float(p.temperature or getattr(trainer, "temperature", 1.0) or 1.0)
+        self._pool = ThreadPoolExecutor(max_workers=p.concurrency, thread_name_prefix="opd-teacher-http")
+        try:
+            self.model_name = self._check_model()
+            self._probe(getattr(trainer, "processing_class", None))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the HTTP threads and this teacher's hold on a spawned server (idempotent)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        if self._spawn_key is not None:
+            from opd_plugins.serve import release_local_server
+
+            release_local_server(self._spawn_key)
+            self._spawn_key = None
+
+    def _check_model(self) -> str:
+        data = self._request("GET", "/v1/models", None, "listing the served models")
+        served = [m.get("id") for m in data.get("data", []) if isinstance(m, dict)] if isinstance(data, dict) else []
+        if not served:
+            raise TeacherError(f"teacher openai_server: {self._url('/v1/models')} lists no models; is base_url an "
+                               "OpenAI-compatible server (vllm serve / opd-plugins serve-teacher)?")
+        if self.params.model is None:
+            return served[0]
+        if self.params.model not in served:
+            raise TeacherError(f"teacher openai_server: the server at {self._safe_base()} serves {served}, not "
+                               f"{self.params.model!r}; set teacher.params.model to one of those")
+        return self.params.model
+
+    def _probe(self, tokenizer: Any) -> None:
+        """Fail before training if the server's tokenizer differs from the student's, or it ignores temperature."""
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a multimodal processor wraps its tokenizer
+        ids = list(tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"]) if tokenizer is not None else []
+        if len(ids) < 3:
+            return
+        entries = self._post_scores([ids], 0, self.temperature, "the setup probe")[0]
+        logps = self._parse_row(ids, entries, 1, len(ids) - 1, 0, "the setup probe")[0]
+        if self.params.check_tokenizer:
+            checked = mismatched = 0
+            examples = []
+            for pos in range(1, len(ids)):
+                decoded = entries[pos][str(ids[pos])].get("decoded_token")
+                if decoded is None:
+                    continue
+                checked += 1
+                ours = tokenizer.decode([ids[pos]])
+                # vLLM versions decode each id alone, some restoring SentencePiece's leading space, or return the
+                # raw vocabulary piece: compare modulo those spellings.
+                if _norm(decoded) not in (_norm(ours), _norm(tokenizer.convert_ids_to_tokens(ids[pos]) or "")):
+                    mismatched += 1
+                    examples.append(f"id {ids[pos]}: server {decoded!r} vs student {ours!r}")
+            if checked and mismatched > checked // 4:
+                raise TeacherError(
+                    f"teacher openai_server: the server at {self._safe_base()} decodes {mismatched} of {checked} "
+                    f"probe tokens differently from the student tokenizer ({'; '.join(examples[:3])}). Token-level "
+                    "distillation needs the same tokenizer on both sides: serve a teacher from the student's model "
+                    "family (or set check_tokenizer: false if the decoded strings differ only cosmetically)."
+                )
+        if abs(self.temperature - 1.0) > 1e-6:
+            at_one = self._parse_row(ids, self._post_scores([ids], 0, 1.0, "the setup probe")[0], 1, len(ids) - 1,
+                                     0, "the setup probe")[0]
+            if all(abs(a - b) < 1e-6 for a, b in zip(logps, at_one)):
+                raise TeacherError(
+                    f"teacher openai_server: the server at {self._safe_base()} returned the same log-probs at "
+                    f"temperature {self.temperature:g} and 1.0, so it ignores the scoring temperature (vLLM computes "
+                    "prompt_logprobs from raw logits). Set teacher.params.temperature: 1.0 to score at T=1 as verl "
+                    "does, or serve with opd-plugins serve-teacher, which applies it."
+                )
+
+    # -- scoring -----------------------------------------------------------------------------------------------
+    def score(self, batch: TeacherBatch, want: Capability = "sampled") -> TeacherScores:
+        if self._pool is None:
+            raise RuntimeError("openai_server teacher used before setup()")
+        if want == "full":
+            raise TeacherError("teacher openai_server cannot return full-vocabulary log-probs (only sampled and "
+                               "top-k); use a divergence estimator that needs 'sampled' or 'topk'")
+        B, T = batch.completion_ids.shape
+        k = self.params.top_k if self.params.top_k > 0 else (1 if want == "topk" else 0)
+        token_logps = torch.zeros(B, T)
+        topk_ids = torch.zeros(B, T, k, dtype=torch.long) if k else None
+        topk_logps = torch.full((B, T, k), -math.inf) if k else None
+        mask = batch.completion_mask.to(torch.float32).cpu()
+        rows = []  # (row, ids, prompt_len, n_completion)
+        for i in range(B):
+            prompt = batch.prompt_ids[i][batch.prompt_mask[i].bool()].tolist()
+            valid = mask[i].nonzero()
+            if len(valid) == 0:
+                continue
+            n = int(valid[-1]) + 1  # score up to the last unmasked completion token
+            if not prompt:
+                raise TeacherError(f"teacher openai_server: row {i} has an empty prompt, so its first completion "
+                                   "token has no teacher log-prob")
+            rows.append((i, prompt + batch.completion_ids[i, :n].tolist(), len(prompt), n))
+        chunks = [rows[s:s + self.params.sequences_per_request]
+                  for s in range(0, len(rows), self.params.sequences_per_request)]
+        abort = threading.Event()
+
+        def send(chunk):
+            return self._post_scores([r[1] for r in chunk], k, self.temperature, f"rows {chunk[0][0]}..{chunk[-1][0]}",
+                                     abort)
+
+        futures = [self._pool.submit(send, c) for c in chunks]
+        try:
+            for chunk, fut in zip(chunks, futures):
+                for (i, ids, P, n), entries in zip(chunk, fut.result()):
+                    lp, ti, tl = self._parse_row(ids, entries, P, n, k, f"row {i}")
+                    token_logps[i, :n] = torch.tensor(lp)
+                    if k:
+                        topk_ids[i, :n] = torch.tensor(ti, dtype=torch.long)
+                        topk_logps[i, :n] = torch.tensor(tl)
+        except BaseException:
+            abort.set()
+            for fut in futures:
+                fut.cancel()
+            raise
+        valid = mask.bool()
+        out = TeacherScores(token_logps=torch.where(valid, token_logps, 0.0), mask=mask)
+        if k:
+            topk_logps = torch.where(valid.unsqueeze(-1), topk_logps, 0.0)
+            probs = torch.where(valid.unsqueeze(-1), topk_logps.exp(), 0.0)
+            out.topk_ids, out.topk_logps = topk_ids * valid.long().unsqueeze(-1), topk_logps
+            out.topk_mass = probs.sum(-1)
+            out.entropy = -torch.where(probs > 0, probs * topk_logps, 0.0).sum(-1)
+        dev = batch.completion_ids.device
+        for name in TeacherScores.TENSOR_FIELDS:
+            t = getattr(out, name)
+            if t is not None:
+                setattr(out, name, t.to(dev))
+        return out
+
+    def _parse_row(self, ids: list[int], entries: Any, P: int, n: int, k: int, what: str):
+        """Completion positions ``P..P+n-1`` of one choice's ``prompt_logprobs``: token log-probs and top-k."""
+        if entries is None:
+            raise TeacherError(f"teacher openai_server: the response for {what} has no prompt_logprobs; the server "
+                               "must support vLLM's prompt_logprobs request field (vllm serve, opd-plugins "
+                               "serve-teacher)")
+        if not isinstance(entries, list) or len(entries) != len(ids):
+            got = f"{len(entries)} entries" if isinstance(entries, list) else type(entries).__name__
+            raise TeacherError(
+                f"teacher openai_server: misaligned response for {what}: sent {len(ids)} tokens ({P} prompt + {n} "
+                f"completion) but prompt_logprobs has {got}. Not training on it: check that the server scores token "
+                "ids without adding special tokens (vLLM does for token-id prompts)."
+            )
+        logps, top_ids, top_lps = [], [], []
+        for j in range(P, P + n):
+            entry = entries[j]
+            tok = ids[j]
+            actual = entry.get(str(tok)) if isinstance(entry, dict) else None
+            if not isinstance(actual, dict) or not isinstance(actual.get("logprob"), (int, float)):
+                have = sorted(entry)[:8] if isinstance(entry, dict) else entry
+                raise TeacherError(
+                    f"teacher openai_server: misaligned response for {what}: completion position {j - P} (token "
+                    f"{j} of the sequence) has no log-prob for the token id {tok} that was sent (the entry has "
+                    f"{have}). Not training on it: the server and the student disagree on the tokens."
+                )
+            logps.append(float(actual["logprob"]))
+            if k:
+                ranked = sorted(entry.items(), key=lambda kv: kv[1].get("rank", math.inf))[:k]
+                if len(ranked) < k:
+                    raise TeacherError(
+                        f"teacher openai_server: asked for top_k={k} but the server returned {len(ranked)} entries at "
+                        f"completion position {j - P} of {what}; start vLLM with --max-logprobs >= {k}"
+                    )
+                top_ids.append([int(t) for t, _ in ranked])
+                top_lps.append([float(v["logprob"]) for _, v in ranked])
+        return logps, top_ids, top_lps
+
+    # -- HTTP ---------------------------------------------------------------------------------------------------
+    def _post_scores(self, seqs: list[list[int]], k: int, temperature: float, what: str,
+                     abort: threading.Event | None = None) -> list:
+        body = {"model": self.model_name, "prompt": seqs, "max_tokens": 1, "temperature": temperature,
+                "prompt_logprobs": k}
+        data = self._request("POST", "/v1/completions", body, f"scoring {what}", abort)
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(choices, list) or len(choices) != len(seqs):
+            got = len(choices) if isinstance(choices, list) else "no"
+            raise TeacherError(f"teacher openai_server: sent {len(seqs)} sequences for {what} but the server "
+                               f"returned {got} choices; not training on a misaligned response")
+        choices = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
+        return [c.get("prompt_logprobs") if isinstance(c, dict) else None for c in choices]
+
+    def _url(self, path: str) -> str:
+        return f"{self.base_url}{path}"
+
+    def _safe_base(self) -> str:
+        return str(self.base_url)
+
+    def _request(self, method: str, path: str, body: Any, what: str, abort: threading.Event | None = None) -> Any:
+        p = self.params
+        url = self._url(path)
+        attempts = p.max_retries + 1
+        last = ""
+        for attempt in range(attempts):
+            if attempt:
+                delay = p.backoff_s * 2 ** (attempt - 1)
+                if abort is None:
+                    time.sleep(delay)
+                elif abort.wait(delay):
+                    raise TeacherError(f"teacher openai_server: {what} cancelled (another request failed)")
+            try:
+                return self._request_once(method, url, body, what)
+            except _Retryable as exc:
+                last = str(exc)
+        hint = ("check that the server is running and reachable from this machine at that address (start it with "
+                "'opd-plugins serve-teacher MODEL --port P' or 'vllm serve MODEL --port P --max-logprobs K'), and "
+                "that base_url is right")
+        if "timed out" in last:
+            hint = (f"the server may be overloaded: raise timeout_s (now {p.timeout_s:g} s) or lower "
+                    "sequences_per_request/concurrency")
+        raise TeacherError(f"teacher openai_server: {method} {url} ({what}) failed after {attempts} attempt"
+                           f"{'s' if attempts != 1 else ''}; last error: {self._scrub(last)}. {hint}.")
+
+    def _request_once(self, method: str, url: str, body: Any, what: str) -> Any:
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        req = urllib.request.Request(url, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=self.params.timeout_s) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            detail = self._scrub(_error_detail(exc))
+            if exc.code >= 500 or exc.code in _RETRY_STATUSES:
+                raise _Retryable(f"HTTP {exc.code}: {detail}") from None
+            env = self.params.api_key_env
+            hint = {401: "the server requires an API key: set api_key_env to the name of the variable holding it"
+                         + (f" (now {env}, whose key was refused)" if env else ""),
+                    403: "the API key was refused",
+                    404: "check base_url and model",
+                    400: "the server rejected the request (for vLLM, check --max-logprobs >= top_k and that the "
+                         "sequences fit --max-model-len)"}.get(exc.code, "the server refused the request")
+            raise TeacherError(f"teacher openai_server: {url} answered HTTP {exc.code} while {what}: {detail}. "
+                               f"{hint}.") from None
+        except (TimeoutError, OSError) as exc:  # URLError is an OSError
+            raise _Retryable(_describe(exc, self.params.timeout_s)) from None
+        except Exception as exc:  # http.client.IncompleteRead/RemoteDisconnected and friends
+            raise _Retryable(f"{type(exc).__name__}: {exc}") from None
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise _Retryable(f"malformed JSON in the response ({len(raw)} bytes: {raw[:80]!r})") from None
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+
+def _norm(token: str) -> str:
+    return token.replace("\u2581", " ").replace("\u0120", " ").strip()
+
+
+def _error_detail(exc: urllib.error.HTTPError) -> str:
+    try:
+        payload = json.loads(exc.read() or b"null")
+    except (ValueError, OSError):
+        return exc.reason if isinstance(exc.reason, str) else str(exc.code)
+    if isinstance(payload, dict):
+        err = payload.get("error", payload)
+        msg = err.get("message") if isinstance(err, dict) else err
+        if msg is None:
+            msg = payload.get("message") or payload.get("detail")
+        if msg is not None:
+            return str(msg)[:500]
+    return str(payload)[:500]
+
+
+def _describe(exc: BaseException, timeout_s: float) -> str:
+    reason = getattr(exc, "reason", exc)
+    if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+        return f"timed out after {timeout_s:g} s"
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused (no server listening there)"
+    if isinstance(reason, ConnectionResetError):
+        return "connection reset by the server"
+    return f"{type(reason).__name__}: {reason}"
