@@ -189,7 +189,11 @@ def trainer_arg_names() -> set[str]:
     from opd_plugins import __version__
     from opd_plugins.models import cache_dir
 
-    versions = "-".join([__version__, metadata.version("trl"), metadata.version("transformers")])
+    import hashlib
+
+    config_src = Path(__file__).resolve().parent.parent / "trainers" / "opd_config.py"
+    digest = hashlib.sha1(config_src.read_bytes()).hexdigest()[:10] if config_src.exists() else "none"
+    versions = "-".join([__version__, metadata.version("trl"), metadata.version("transformers"), digest])
     path = cache_dir() / f"trainer_args-{versions}.json"
     try:
         return set(json.loads(path.read_text()))

@@ -15,12 +15,14 @@ TRL override points (trl 1.16, private, hence the pin): ``_generate``, ``_genera
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from typing import Any
 
 import torch
 from trl import GRPOTrainer
+from trl.trainer.utils import is_async_callable
 
 from opd_plugins.advantages.base import AdvantageInputs, degenerate_groups
 from opd_plugins.correction import combine_stats, importance_weights, weight_advantages
@@ -70,6 +72,7 @@ class OPDTrainer(GRPOTrainer):
                                "reward_funcs")
             kwargs["reward_funcs"] = [no_task_reward]
         super().__init__(model=model, args=args, **kwargs)
+        self.reward_funcs = [_checked_reward_func(f, n) for f, n in zip(self.reward_funcs, self.reward_func_names)]
         if self.components.correction.mode != "none" and self.use_vllm and self.vllm_importance_sampling_correction:
             raise OPDError("correction is set but TRL's own vLLM importance-sampling correction is also on, which "
                            "would weight every token twice; set vllm_importance_sampling_correction=False")
@@ -158,6 +161,7 @@ class OPDTrainer(GRPOTrainer):
         if self._needs_teacher():
             scores = self.score_teacher(out, inputs)
             out.update(scores.to_batch())
+        out.setdefault("policy_version", torch.full((mask.shape[0],), self.state.global_step, device=mask.device))
         out["advantages"] = self.compute_advantages(out, inputs, scores, mask)
         self.pm.call("opd_advantages_computed", trainer=self, batch=out, advantages=out["advantages"])
         return out
@@ -253,12 +257,29 @@ class OPDTrainer(GRPOTrainer):
                 self.pm.call("opd_degenerate_groups", trainer=self, groups=degenerate, rewards=rewards)
                 local_rows = [g * num_gen - local.start for g in degenerate if 0 <= g * num_gen - local.start < B]
                 c.sampler.on_degenerate_groups([rows[i] for i in local_rows], self.state.global_step)
+            if mode == "train" and getattr(self.args, "degenerate_groups", "keep") == "drop":
+                self.drop_groups(out, degenerate, num_gen, local)
+                mask = _loss_mask(out)
         w_r = self.weight(c.div_reward_weight) if c.divergence is not None else 0.0
         if w_r != 0 and token_reward is not None:
             if advantages.dim() == 1:
                 advantages = advantages.unsqueeze(1) * mask
             advantages = advantages + w_r * token_reward
         return advantages
+
+    def drop_groups(self, out: dict[str, Any], groups: list[int], num_gen: int, local: slice) -> None:
+        """Remove the completions of ``groups`` (global group indices) from every loss term of this step: their
+        tokens leave ``completion_mask`` and the token count ``num_items_in_batch`` (so nothing else is diluted)."""
+        B = out["completion_ids"].shape[0]
+        keep = torch.ones(B, dtype=torch.bool, device=out["completion_ids"].device)
+        for g in groups:
+            lo, hi = max(g * num_gen - local.start, 0), min((g + 1) * num_gen - local.start, B)
+            if lo < hi:
+                keep[lo:hi] = False
+        out["completion_mask"] = out["completion_mask"] * keep.unsqueeze(1).to(out["completion_mask"].dtype)
+        if "num_items_in_batch" in out:
+            out["num_items_in_batch"] = self.accelerator.gather(_loss_mask(out).sum()).sum()
+        self._log("opd/dropped_completion_frac", float((~keep).float().mean()))
 
     # ------------------------------------------------------------------------------------------------------
     # Loss
@@ -315,6 +336,9 @@ class OPDTrainer(GRPOTrainer):
             terms["policy_gradient"] = w_pg * pg
         if w_div != 0:
             terms["divergence"] = w_div * self.divergence_loss(model, inputs)
+        version = inputs.get("policy_version")
+        if version is not None:  # optimizer steps between generating a rollout and this update
+            self._log("rollout/staleness", float(self.state.global_step - version.float().mean()))
         self._log("opd/weight/policy_gradient", w_pg)
         self._log("opd/weight/divergence", w_div)
         for extra in self.pm.call("opd_loss_terms", trainer=self, inputs=inputs, terms=dict(terms)):
@@ -397,6 +421,36 @@ class OPDTrainer(GRPOTrainer):
 def no_task_reward(completions: list[Any], **kwargs: Any) -> list[float]:
     """The constant reward used when a recipe has no task reward (pure distillation)."""
     return [0.0] * len(completions)
+
+
+def _checked_reward_func(func: Any, name: str) -> Any:
+    """``func`` with its outputs checked: ``None`` means "not scored" (TRL's convention), but a NaN or infinite
+    reward is a bug in the reward function, reported with the function's name and the row."""
+    if isinstance(func, torch.nn.Module) or not callable(func):
+        return func
+
+    def check(values: Any, kwargs: dict[str, Any]) -> Any:
+        for i, value in enumerate(values if values is not None else []):
+            if value is not None and not math.isfinite(float(value)):
+                prompt = kwargs.get("prompts", [None] * (i + 1))[i]
+                text = prompt[-1].get("content") if isinstance(prompt, list) and prompt else prompt
+                raise OPDError(f"reward function {name!r} returned {value} for row {i} of the generation batch "
+                               f"(prompt {str(text)[:120]!r}); return None for a completion it does not score")
+        return values
+
+    if is_async_callable(func):
+        async def checked_async(*args: Any, **kwargs: Any) -> Any:
+            return check(await func(*args, **kwargs), kwargs)
+
+        wrapper: Any = checked_async
+    else:
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            return check(func(*args, **kwargs), kwargs)
+
+        wrapper = checked
+    wrapper.__name__ = name
+    wrapper.__wrapped__ = func
+    return wrapper
 
 
 def _loss_mask(batch: dict[str, Any]) -> torch.Tensor:
