@@ -111,6 +111,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from opd_plugins.recipe import load_recipe
     from opd_plugins.run import train
 
+    import warnings
+
+    # TRL 1.16 still calls transformers' deprecated *gradient_checkpointing* names on every step; the warnings
+    # concern TRL's code, not the user's, and drown the progress display.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*gradient_checkpointing.* is deprecated")
     recipe, pm = load_recipe(args.recipe, args.overrides)
     train(recipe, pm, resume=args.resume, overwrite=args.overwrite, argv=sys.argv)
     return 0
