@@ -260,10 +260,13 @@ def load_causal_lm(
     dtype: str | torch.dtype = "float32",
     trust_remote_code: bool = False,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    quantization: str | None = None,
+    device_map: Any = None,
 ) -> PreTrainedModel:
     """Load a causal LM (``path`` may be an alias).
 
-    With ``tokenizer``, its eos/pad ids go into the model's generation config.
+    With ``tokenizer``, its eos/pad ids go into the model's generation config. ``quantization`` ``"8bit"`` or
+    ``"4bit"`` loads the weights through bitsandbytes (a CUDA GPU and the ``quant`` extra are required).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -273,14 +276,44 @@ def load_causal_lm(
             raise ModelLoadError(f"unknown dtype {dtype!r} for {path!r}; choose one of {', '.join(_DTYPES)}")
         dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     resolved = resolve_model_path(path)
+    extra: dict[str, Any] = {}
+    if quantization is not None:
+        extra["quantization_config"] = bitsandbytes_config(quantization, dtype, path)
+        extra["device_map"] = device_map if device_map is not None else {"": torch.cuda.current_device()}
+    elif device_map is not None:
+        extra["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **extra)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load the model {path!r}: {e}") from e
     if tokenizer is not None and model.generation_config is not None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def bitsandbytes_config(quantization: str, dtype: Any, path: str = "the model") -> Any:
+    """A transformers ``BitsAndBytesConfig`` for ``"8bit"`` / ``"4bit"`` (NF4, double quantisation, compute in
+    ``dtype`` or bfloat16), after checking that bitsandbytes and a CUDA GPU are there."""
+    import importlib.util
+
+    import torch
+
+    if quantization not in ("8bit", "4bit"):
+        raise ModelLoadError(f"unknown quantization {quantization!r} for {path!r}; choose 8bit or 4bit")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(f"quantization {quantization!r} for {path!r} needs bitsandbytes: "
+                             "pip install 'opd-plugins[quant]'")
+    if not torch.cuda.is_available():
+        raise ModelLoadError(f"quantization {quantization!r} for {path!r} needs a CUDA GPU (bitsandbytes)")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = dtype if isinstance(dtype, torch.dtype) and dtype != torch.float32 else torch.bfloat16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
 
 
 def check_vocab_compatible(

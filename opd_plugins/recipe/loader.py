@@ -439,6 +439,10 @@ def device_problems(recipe: Recipe) -> list[Problem]:
         spec = getattr(recipe, slot, None)
         if spec is not None and str(spec.params.get("device", "")).startswith("cuda"):
             problems.append(Problem(f"{slot}.params.device", f"device {spec.params['device']!r} needs a GPU and none is available here"))
+        if spec is not None and spec.params.get("quantization"):
+            problems.append(Problem(f"{slot}.params.quantization", f"quantization {spec.params['quantization']!r} "
+                                    "loads the weights through bitsandbytes, which needs a CUDA GPU; none is "
+                                    "available here (remove it on CPU)"))
     return problems
 
 

@@ -30,6 +30,10 @@ class HFModelTeacher(Teacher):
         top_k: int = Field(0, ge=0, description="Also return the teacher's top-k per token (0 = only when asked).")
         temperature: float | None = Field(None, gt=0, description="Scoring temperature (default: the sampling temperature).")
         chunk_size: int = Field(8, ge=1, description="Rows scored per forward pass.")
+        quantization: Literal["8bit", "4bit"] | None = Field(
+            None, description="Load the teacher's weights in 8-bit or 4-bit (NF4) through bitsandbytes: a CUDA GPU "
+                              "and the `quant` extra are required. Scores are computed in `dtype` (4-bit: bfloat16 "
+                              "when dtype is float32).")
         trust_remote_code: bool = Field(False, description="Allow custom model code from the checkpoint.")
         allow_nonfinite: bool = Field(False, description="Mask and count NaN/inf teacher log-probs instead of failing.")
 
@@ -49,7 +53,9 @@ class HFModelTeacher(Teacher):
         p = self.params
         path = resolve_model_path(p.model)
         teacher_tok = load_tokenizer(path, trust_remote_code=p.trust_remote_code)
-        self.model = load_causal_lm(path, dtype=p.dtype, trust_remote_code=p.trust_remote_code)
+        self.model = load_causal_lm(path, dtype=p.dtype, trust_remote_code=p.trust_remote_code,
+                                    quantization=p.quantization,
+                                    device_map={"": str(p.device or trainer.accelerator.device)} if p.quantization else None)
         student = trainer.accelerator.unwrap_model(trainer.model)
         check_vocab_compatible(
             trainer.processing_class, teacher_tok,
@@ -62,7 +68,10 @@ class HFModelTeacher(Teacher):
     def attach(self, model: torch.nn.Module, *, device: Any = "cpu", temperature: float = 1.0) -> None:
         """Use an already-loaded model as the teacher (frozen, eval mode)."""
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval().requires_grad_(False)
+        if getattr(model, "is_quantized", False) or getattr(model, "quantization_method", None):
+            self.model = model.eval().requires_grad_(False)  # placed at load time; quantized weights can't move
+        else:
+            self.model = model.to(self.device).eval().requires_grad_(False)
         self.temperature = temperature
 
     def score(self, batch: TeacherBatch, want: Capability = "sampled") -> TeacherScores:
