@@ -2,16 +2,44 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
+import re
 import string
+from collections.abc import Iterator
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from opd_plugins.components import ComponentParams
-from opd_plugins.errors import DataError
-from opd_plugins.teachers.base import Capability, Teacher, TeacherBatch, TeacherScores, score_with_causal_lm
+from opd_plugins.errors import DataError, OPDError
+from opd_plugins.recipe.schema import ComponentSpec, _coefficient
+from opd_plugins.teachers.base import (
+    Capability,
+    Teacher,
+    TeacherBatch,
+    TeacherScores,
+    score_with_causal_lm,
+)
+
+DEFAULT_EMA_DECAY = 0.99
+
+
+def _template_fields(template: str) -> list[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+
+
+def reveal_prefix(text: str, ratio: float) -> str:
+    """The first ``⌊ratio · n⌋`` of the ``n`` whitespace-separated words of ``text``, cut right after the last
+    kept word (the original spacing inside the prefix is kept): ratio 0 gives ``""``, ratio 1 the whole text."""
+    ratio = min(max(ratio, 0.0), 1.0)
+    if ratio >= 1.0:
+        return text
+    words = list(re.finditer(r"\S+", text))
+    keep = min(math.floor(ratio * len(words) + 1e-9), len(words))
+    return text[: words[keep - 1].end()] if keep > 0 else ""
 
 
 class SelfContextTeacher(Teacher):
@@ -20,8 +48,11 @@ class SelfContextTeacher(Teacher):
     The teacher prompt is the student's last user message rewritten by ``template``, whose fields are
     ``{prompt}`` (the original message) and any dataset column (``{hint}``, ``{answer}``, ``{solution}``...).
     The completion the student sampled is then scored under that richer context. ``weights`` chooses the
-    teacher's weights: ``live`` (the current policy, no gradient), or ``initial`` (frozen at the start: the
-    LoRA adapter disabled, or a frozen copy for full fine-tuning).
+    teacher's weights: ``live`` (the current policy, no gradient), ``initial`` (frozen at the start: the LoRA
+    adapter disabled, or a copy of the starting weights for full fine-tuning), or ``ema`` (an exponential moving average of the
+    student's trainable parameters, updated after every optimizer step: θ_ema ← d·θ_ema + (1−d)·θ).
+    ``reveal_column`` with a ``reveal`` schedule shows the teacher only the first fraction (in whitespace-separated
+    words) of that column's text, the fraction following training progress (ATESD's reveal ratio).
     Paper: Zhao et al., "Self-Distilled Reasoner: On-Policy Self-Distillation" (OPSD),
     https://github.com/siyan-zhao/OPSD
     """
@@ -31,7 +62,15 @@ class SelfContextTeacher(Teacher):
 
     class Params(ComponentParams):
         template: str = Field("{prompt}\n\n{hint}", description="Teacher's version of the last user message.")
-        weights: Literal["live", "initial"] = Field("live", description="Current policy, or frozen initial weights.")
+        weights: Literal["live", "initial", "ema"] = Field(
+            "live", description="Current policy, frozen initial weights, or an EMA of the trainable parameters.")
+        ema_decay: float | None = Field(
+            None, gt=0, lt=1, description=f"EMA decay d (weights: ema only; default {DEFAULT_EMA_DECAY}).")
+        reveal_column: str | None = Field(
+            None, description="Template field (a dataset column) of which only a prefix is revealed.")
+        reveal: ComponentSpec | None = Field(
+            None, validate_default=True,
+            description="Fraction of reveal_column's words shown: a schedule {name, params} or a number.")
         temperature: float | None = Field(None, gt=0, description="Scoring temperature (default: the sampling temperature).")
         top_k: int = Field(0, ge=0, description="Also return the teacher's top-k per token.")
         chunk_size: int = Field(8, ge=1, description="Rows scored per forward pass.")
@@ -40,34 +79,186 @@ class SelfContextTeacher(Teacher):
         @field_validator("template")
         @classmethod
         def _check_template(cls, v: str) -> str:
-            fields = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+            fields = _template_fields(v)
             if "prompt" not in fields:
                 raise ValueError("template must contain {prompt} (the student's message)")
             if any(not f.isidentifier() for f in fields):
                 raise ValueError(f"template fields must be plain column names, got {fields}")
             return v
 
+        @field_validator("ema_decay")
+        @classmethod
+        def _check_ema_decay(cls, v: float | None, info: ValidationInfo) -> float | None:
+            weights = info.data.get("weights")
+            if v is not None and weights is not None and weights != "ema":
+                raise ValueError(f"ema_decay applies only to weights: ema, but weights is {weights!r}; "
+                                 "remove ema_decay or set weights: ema")
+            return v
+
+        @field_validator("reveal_column")
+        @classmethod
+        def _check_reveal_column(cls, v: str | None, info: ValidationInfo) -> str | None:
+            template = info.data.get("template")
+            if v is None or template is None:
+                return v
+            if v == "prompt":
+                raise ValueError("reveal_column cannot be 'prompt' (the student's own message); name a privileged column")
+            if v not in _template_fields(template):
+                raise ValueError(f"reveal_column {v!r} is not a field of template {template!r}; add {{{v}}} to the template")
+            return v
+
+        _coerce_reveal = field_validator("reveal", mode="before")(classmethod(lambda cls, v: _coefficient(v)))
+
+        @field_validator("reveal")
+        @classmethod
+        def _check_reveal(cls, v: ComponentSpec | None, info: ValidationInfo) -> ComponentSpec | None:
+            if "reveal_column" not in info.data:  # reveal_column itself is invalid (reported there)
+                return v
+            column = info.data["reveal_column"]
+            if v is not None and column is None:
+                raise ValueError("reveal is set but reveal_column is not: name the template field to reveal")
+            if v is None and column is not None:
+                raise ValueError(f"reveal_column {column!r} is set, so give reveal: a schedule {{name, params}} or a "
+                                 "number in [0, 1]")
+            return v
+
     def __init__(self, params: Params | None = None) -> None:
         super().__init__(params)
         self.trainer: Any = None
-        self._frozen: torch.nn.Module | None = None
+        self._shadow: dict[str, torch.Tensor] | None = None  # swapped in to score: the EMA, or the initial weights
+        self._ema_updates = 0
+        self._schedule: Any = None
+        self._pending: dict[str, Any] | None = None  # state loaded before setup()
         self.temperature = 1.0
 
+    @property
+    def ema_decay(self) -> float:
+        return self.params.ema_decay if self.params.ema_decay is not None else DEFAULT_EMA_DECAY
+
     def required_columns(self) -> tuple[str, ...]:
-        return tuple(
-            f for _, f, _, _ in string.Formatter().parse(self.params.template) if f is not None and f != "prompt"
-        )
+        cols = [f for f in _template_fields(self.params.template) if f != "prompt"]
+        if self.params.reveal_column is not None:
+            cols.append(self.params.reveal_column)
+        return tuple(dict.fromkeys(cols))
+
+    def nested_problems(self, pm: Any) -> list[tuple[str, str]]:
+        """Problems of the ``reveal`` schedule spec, as (key path below params, message) — used by validation."""
+        from pydantic import ValidationError
+
+        from opd_plugins.recipe.loader import pydantic_problems
+
+        spec = self.params.reveal
+        if spec is None:
+            return []
+        if spec.name not in pm.registry.names("schedule"):
+            return [("reveal.name", pm.registry.not_found_message("schedule", spec.name))]
+        cls = pm.registry.get("schedule", spec.name)
+        try:
+            cls.Params(**spec.params)
+        except ValidationError as exc:
+            return [(p.path, p.message) for p in pydantic_problems(exc, cls.Params, "reveal.params")]
+        return []
 
     def setup(self, trainer: Any) -> None:
+        """Bind to the trainer. With ``weights: ema`` the average starts at the current trainable parameters and
+        a callback updates it after every optimizer step (a trainer without ``add_callback`` must call
+        :meth:`update_ema` itself)."""
         self.trainer = trainer
         self.temperature = self.params.temperature or trainer.temperature
-        if self.params.weights == "initial" and not _is_peft(trainer.accelerator.unwrap_model(trainer.model)):
-            # Full fine-tuning: keep a frozen copy of the starting weights.
-            self._frozen = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model)).eval().requires_grad_(False)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if self.params.weights == "initial" and not _is_peft(model):
+            # Full fine-tuning: a copy of the starting trainable weights, swapped in to score. (Not a deepcopy of
+            # the model: TRL patches ``model.forward`` with a closure over the live model, which a copy would keep.)
+            _check_unsharded(trainer)
+            self._shadow = {n: p.detach().clone() for n, p in _trainable(model).items()}
+        if self.params.weights == "ema":
+            _check_unsharded(trainer)
+            trainable = _trainable(model)
+            if not trainable:
+                raise OPDError("teacher self_context: weights: ema averages the trainable parameters, but the model has none")
+            self._shadow = {n: p.detach().to(torch.float32, copy=True) for n, p in trainable.items()}
+            self._ema_updates = 0
+            if hasattr(trainer, "add_callback"):
+                trainer.add_callback(_ema_callback(self))
+        if self.params.reveal is not None:
+            self._schedule = self._build_schedule(getattr(trainer, "pm", None))
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self.load_state_dict(pending)
+
+    # -- EMA weights -------------------------------------------------------------------------------------------
+    def _model(self) -> torch.nn.Module:
+        return self.trainer.accelerator.unwrap_model(self.trainer.model)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """θ_ema ← d·θ_ema + (1−d)·θ over the trainable parameters (called after every optimizer step)."""
+        if self.params.weights != "ema" or self._shadow is None:
+            raise RuntimeError("self_context: update_ema() needs weights: ema and setup()")
+        params = self._tracked_params(self._model())
+        d = self.ema_decay
+        for name, avg in self._shadow.items():
+            avg.mul_(d).add_(params[name].detach().to(avg.device, torch.float32), alpha=1.0 - d)
+        self._ema_updates += 1
+
+    def _tracked_params(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        params = dict(model.named_parameters())
+        missing = [n for n in self._shadow or {} if n not in params]
+        if missing:
+            raise OPDError(f"teacher self_context: the model no longer has parameter(s) {missing[:3]} the teacher tracks")
+        return params
+
+    @contextlib.contextmanager
+    def _shadow_swapped_in(self, model: torch.nn.Module) -> Iterator[None]:
+        """Point the trainable parameters at the teacher's tensors (EMA or initial); the student's tensors are put
+        back on exit, even when scoring raises (no copy of the student's weights is made: storage is swapped)."""
+        params = self._tracked_params(model)
+        saved: dict[str, torch.Tensor] = {}
+        try:
+            with torch.no_grad():
+                for name, avg in (self._shadow or {}).items():
+                    p = params[name]
+                    saved[name] = p.data
+                    p.data = avg.to(device=p.device, dtype=p.dtype)
+            yield
+        finally:
+            for name, data in saved.items():
+                params[name].data = data
+
+    # -- reveal ------------------------------------------------------------------------------------------------
+    def _build_schedule(self, pm: Any) -> Any:
+        if pm is None:
+            from opd_plugins.manager import get_plugin_manager
+
+            pm = get_plugin_manager()
+        problems = self.nested_problems(pm)
+        if problems:
+            raise OPDError("teacher self_context: " + "; ".join(f"teacher.params.{p}: {m}" for p, m in problems))
+        spec = self.params.reveal
+        return pm.registry.get("schedule", spec.name).from_params(spec.params)
+
+    def reveal_ratio(self) -> float | None:
+        """The fraction of ``reveal_column`` shown now (the schedule at the trainer's step, clamped to [0, 1]),
+        or None without a reveal schedule."""
+        if self.params.reveal is None:
+            return None
+        if self._schedule is None:
+            self._schedule = self._build_schedule(getattr(self.trainer, "pm", None))
+        state = getattr(self.trainer, "state", None)
+        step, max_steps = getattr(state, "global_step", 0) or 0, getattr(state, "max_steps", 0) or 0
+        r = float(self._schedule.value(step, max_steps))
+        if not math.isfinite(r):
+            raise OPDError(f"teacher self_context: reveal schedule {self.params.reveal.name!r} gave {r} at step {step}")
+        return min(max(r, 0.0), 1.0)
 
     # -- prompts -----------------------------------------------------------------------------------------------
-    def teacher_prompt(self, prompt: Any, row: dict[str, Any]) -> Any:
-        """The privileged version of one prompt (conversational or plain text)."""
+    def teacher_prompt(self, prompt: Any, row: dict[str, Any], reveal_ratio: float | None = None) -> Any:
+        """The privileged version of one prompt (conversational or plain text). With a reveal schedule only the
+        first ``reveal_ratio`` (default: the current one) of ``reveal_column``'s words are shown."""
+        column = self.params.reveal_column
+        if column is not None and reveal_ratio is None:
+            reveal_ratio = self.reveal_ratio()
+
         def render(text: str) -> str:
             fields = {k: v for k, v in row.items() if isinstance(v, (str, int, float))}
             fields["prompt"] = text
@@ -77,6 +268,8 @@ class SelfContextTeacher(Teacher):
                     f"teacher self_context: template {self.params.template!r} needs column(s) {missing}, "
                     f"but the dataset rows have {sorted(k for k in row if k != 'prompt')}"
                 )
+            if column is not None:
+                fields[column] = reveal_prefix(str(fields[column]), reveal_ratio)
             return self.params.template.format(**fields)
 
         if isinstance(prompt, str):
@@ -104,24 +297,113 @@ class SelfContextTeacher(Teacher):
     def score(self, batch: TeacherBatch, want: Capability = "sampled") -> TeacherScores:
         if self.trainer is None:
             raise RuntimeError("self_context teacher used before setup()")
+        ratio = self.reveal_ratio()
+        if ratio is not None and callable(getattr(self.trainer, "_log", None)):
+            self.trainer._log("teacher/reveal_ratio", ratio)
         rows = batch.rows or [{} for _ in batch.prompts]
-        t_prompts = [self.teacher_prompt(p, r) for p, r in zip(batch.prompts, rows, strict=True)]
+        t_prompts = [self.teacher_prompt(p, r, ratio) for p, r in zip(batch.prompts, rows, strict=True)]
         p_ids, p_mask = self._tokenize(t_prompts)
         dev = batch.completion_ids.device
         ids = torch.cat([p_ids.to(dev), batch.completion_ids], 1)
         mask = torch.cat([p_mask.to(dev), batch.completion_mask], 1)
-        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        kwargs = dict(want=want, temperature=self.temperature, top_k=self.params.top_k, chunk_size=self.params.chunk_size)
+        model = self._model()
+        kwargs = {"want": want, "temperature": self.temperature, "top_k": self.params.top_k,
+                  "chunk_size": self.params.chunk_size}
         was_training = model.training
         model.eval()  # no dropout in the teacher's view
         try:
-            if self.params.weights == "initial" and self._frozen is None:
+            if self.params.weights == "initial" and self._shadow is None:
                 with model.disable_adapter():
                     return score_with_causal_lm(model, ids, mask, batch.completion_ids, batch.completion_mask, **kwargs)
-            target = self._frozen if self._frozen is not None else model
-            return score_with_causal_lm(target, ids, mask, batch.completion_ids, batch.completion_mask, **kwargs)
+            if self._shadow is not None:
+                with self._shadow_swapped_in(model):
+                    return score_with_causal_lm(model, ids, mask, batch.completion_ids, batch.completion_mask, **kwargs)
+            return score_with_causal_lm(model, ids, mask, batch.completion_ids, batch.completion_mask, **kwargs)
         finally:
             model.train(was_training)
+
+    # -- state -------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """With ``weights: ema``: ``ema.<parameter name>`` (the live fp32 averages, not copies, as in torch) and
+        ``ema_updates``."""
+        if self._pending is not None:
+            return dict(self._pending)
+        state: dict[str, Any] = {}
+        if self.params.weights == "ema" and self._shadow is not None:
+            state = {f"ema.{n}": t for n, t in self._shadow.items()}
+            state["ema_updates"] = self._ema_updates
+        for k, v in (self._schedule.state_dict() if self._schedule is not None else {}).items():
+            state[f"reveal.{k}"] = v
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        unknown = [k for k in state if not (k.startswith(("ema.", "reveal.")) or k == "ema_updates")]
+        if unknown:
+            raise ValueError(f"self_context state has unknown keys {unknown[:5]}")
+        ema = {k[len("ema."):]: v for k, v in state.items() if k.startswith("ema.")}
+        if (ema or "ema_updates" in state) and self.params.weights != "ema":
+            raise ValueError(f"checkpoint holds an EMA teacher, but this teacher has weights: {self.params.weights}")
+        if self.trainer is None:  # not set up yet: applied (and checked against the model) by setup()
+            self._pending = dict(state)
+            return
+        if ema or "ema_updates" in state:
+            self._load_ema(ema, int(state.get("ema_updates", 0)))
+        reveal = {k[len("reveal."):]: v for k, v in state.items() if k.startswith("reveal.")}
+        if reveal:
+            if self._schedule is None:
+                raise ValueError("checkpoint holds reveal-schedule state, but this teacher has no reveal schedule")
+            self._schedule.load_state_dict(reveal)
+
+    def _load_ema(self, ema: dict[str, torch.Tensor], updates: int) -> None:
+        current = self._shadow or {}
+        missing = sorted(set(current) - set(ema))
+        unexpected = sorted(set(ema) - set(current))
+        shapes = [f"{n}: checkpoint {tuple(ema[n].shape)}, model {tuple(current[n].shape)}"
+                  for n in sorted(set(ema) & set(current)) if tuple(ema[n].shape) != tuple(current[n].shape)]
+        if missing or unexpected or shapes:
+            parts = [f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}" if missing else "",
+                     f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}" if unexpected else "",
+                     f"shape mismatch {shapes[:3]}" if shapes else ""]
+            raise ValueError("self_context: the checkpoint's EMA teacher does not match this model's trainable "
+                             "parameters (" + "; ".join(p for p in parts if p) + "); resume with the same model "
+                             "and LoRA settings")
+        with torch.no_grad():
+            for n, t in ema.items():
+                current[n].copy_(t)
+        self._ema_updates = updates
+
+
+def _ema_callback(teacher: SelfContextTeacher) -> Any:
+    """A ``TrainerCallback`` updating the EMA teacher after every optimizer step: ``on_step_end`` fires once per
+    optimizer step (after gradient accumulation), before that step's checkpoint is saved."""
+    from transformers import TrainerCallback
+
+    class SelfContextEMACallback(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            accelerator = getattr(teacher.trainer, "accelerator", None)
+            if getattr(accelerator, "optimizer_step_was_skipped", False):
+                return  # fp16 overflow: the optimizer did not step
+            teacher.update_ema()
+
+    return SelfContextEMACallback()
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _check_unsharded(trainer: Any) -> None:
+    """The teacher's weights are swapped into the student's parameters, which needs whole (unsharded) tensors."""
+    sharded = bool(getattr(trainer, "is_fsdp_enabled", False))
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
+    if getattr(trainer, "is_deepspeed_enabled", False) and getattr(plugin, "zero_stage", 0) == 3:
+        sharded = True
+    if sharded:
+        raise OPDError("teacher self_context: weights: ema (and initial without LoRA) is not supported with FSDP or "
+                       "DeepSpeed ZeRO-3, because each rank holds only a shard of the parameters; use weights: live, "
+                       "LoRA with weights: initial, or DDP")
 
 
 def _is_peft(model: torch.nn.Module) -> bool:
