@@ -8,12 +8,22 @@ chunk by chunk so that building them leaves no high-water mark above the inputs 
 * ``unchunked``: ``full_vocab_divergence(..., chunk_size=0)``, plain autograd;
 * ``chunked``: ``full_vocab_divergence(..., chunk_size=--chunk)``, the recomputing autograd function.
 
+and, from the student's final hidden states ``(B, T, --hidden)`` and its lm-head weight ``(V, --hidden)`` instead
+of its logits (the whole loss computation after the model body, which is what training runs):
+
+* ``naive_from_hidden``: ``logits = hidden @ weight.T``, then ``full_vocab_divergence(..., chunk_size=0)``;
+* ``fused``: ``fused_full_vocab_divergence(hidden, weight, ..., chunk_size=--chunk)``, which computes the logits
+  chunk by chunk too (``fused_lm_head: true``).
+
 Peak = the child's max RSS (``ru_maxrss``); "over inputs" subtracts the RSS measured once the inputs exist, so it
-counts what the divergence itself holds (including the (B, T, V) gradient of the logits, which every variant
-must return). Values and gradients of every variant are compared with the chunked ones (max abs difference).
+counts what the divergence itself holds (for the logits variants, including the (B, T, V) gradient of the logits,
+which they must return; the hidden-state variants return gradients of the hidden states and the weight).
+Values and gradients are compared with ``chunked`` (logits variants) or ``fused`` (hidden-state variants) by max
+abs difference.
 
     OMP_NUM_THREADS=2 python benchmarks/divergence_memory.py [--batch 8 --seq 1024 --vocab 49152 --chunk 256
-                                                              --kind jsd --beta 0.5]
+                                                              --kind jsd --beta 0.5 --hidden 576
+                                                              --variants chunked,unchunked,trl,fused,naive_from_hidden]
 """
 
 from __future__ import annotations
@@ -33,41 +43,60 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+LOGIT_VARIANTS = ("chunked", "unchunked", "trl")
+HIDDEN_VARIANTS = ("fused", "naive_from_hidden")
+REFERENCE = {**{v: "chunked" for v in LOGIT_VARIANTS}, **{v: "fused" for v in HIDDEN_VARIANTS}}
+GRADS = {**{v: ("logits",) for v in LOGIT_VARIANTS}, **{v: ("hidden", "weight") for v in HIDDEN_VARIANTS}}
+
+
 def child(args: argparse.Namespace) -> None:
     import torch
 
-    from opd_plugins.divergences.chunked import full_vocab_divergence
+    from opd_plugins.divergences.chunked import full_vocab_divergence, fused_full_vocab_divergence
 
-    def run(s_logits, t_logps):
+    def run(inputs, t_logps):
         if args.variant == "trl":
             from trl.experimental.gkd import GKDTrainer
 
-            return GKDTrainer.generalized_jsd_loss(s_logits, t_logps, beta=args.beta, reduction="none").sum(-1)
+            return GKDTrainer.generalized_jsd_loss(inputs[0], t_logps, beta=args.beta, reduction="none").sum(-1)
+        if args.variant == "fused":
+            return fused_full_vocab_divergence(inputs[0], inputs[1], t_logps, args.kind, args.beta,
+                                               chunk_size=args.chunk)
+        if args.variant == "naive_from_hidden":
+            return full_vocab_divergence(inputs[0] @ inputs[1].T, t_logps, args.kind, args.beta, chunk_size=0)
         chunk = 0 if args.variant == "unchunked" else args.chunk
-        return full_vocab_divergence(s_logits, t_logps, args.kind, args.beta, chunk_size=chunk)
+        return full_vocab_divergence(inputs[0], t_logps, args.kind, args.beta, chunk_size=chunk)
 
     # Warm up on a tiny input first: imports and first-call allocations are not the divergence's memory.
-    tiny = torch.randn(2, 3, 16, requires_grad=True)
+    from_hidden = args.variant in HIDDEN_VARIANTS
+    tiny = [torch.randn(2, 3, 4, requires_grad=True), torch.randn(16, 4, requires_grad=True)] if from_hidden else \
+        [torch.randn(2, 3, 16, requires_grad=True)]
     run(tiny, torch.log_softmax(torch.randn(2, 3, 16), -1)).sum().backward()
 
-    B, T, V = args.batch, args.seq, args.vocab
-    s_logits = torch.empty(B, T, V)
-    t_logps = torch.empty(B, T, V)
+    B, T, V, H = args.batch, args.seq, args.vocab, args.hidden
     g = torch.Generator().manual_seed(0)
+    if from_hidden:  # logits = hidden @ weight.T with a std of about 2, like the logits variants' inputs
+        inputs = [torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g) * (2 / H ** 0.5)]
+    else:
+        inputs = [torch.empty(B, T, V)]
+    t_logps = torch.empty(B, T, V)
     for b in range(B):
         for t0 in range(0, T, 64):
-            s_logits[b, t0:t0 + 64] = torch.randn(min(64, T - t0), V, generator=g) * 2
+            if not from_hidden:
+                inputs[0][b, t0:t0 + 64] = torch.randn(min(64, T - t0), V, generator=g) * 2
             t_logps[b, t0:t0 + 64] = torch.log_softmax(torch.randn(min(64, T - t0), V, generator=g) * 2, -1)
     weights = torch.rand(B, T, generator=g)
-    s_logits.requires_grad_(True)
+    for x in inputs:
+        x.requires_grad_(True)
     base = _rss_mib()
     start = time.perf_counter()
-    value = run(s_logits, t_logps)
+    value = run(inputs, t_logps)
     (value * weights).sum().backward()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     value.detach().numpy().tofile(os.path.join(args.out, f"{args.variant}.value"))
-    s_logits.grad.numpy().tofile(os.path.join(args.out, f"{args.variant}.grad"))
+    for name, x in zip(GRADS[args.variant], inputs):
+        x.grad.numpy().tofile(os.path.join(args.out, f"{args.variant}.grad_{name}"))
     print(json.dumps({"variant": args.variant, "peak_mib": round(peak), "inputs_mib": round(base),
                       "over_inputs_mib": round(peak - base), "seconds": round(seconds, 2)}))
 
@@ -88,7 +117,10 @@ def main() -> None:
     p.add_argument("--kind", default="jsd", choices=["reverse_kl", "forward_kl", "jsd", "tv", "skew_forward_kl",
                                                      "skew_reverse_kl"])
     p.add_argument("--beta", type=float, default=0.5, help="β for jsd (α for skew kinds)")
-    p.add_argument("--variants", default="chunked,unchunked,trl")
+    p.add_argument("--hidden", type=int, default=576, help="hidden size H of the hidden-state variants "
+                                                            "(576 = SmolLM2-135M's)")
+    p.add_argument("--variants", default="chunked,unchunked,trl",
+                   help=f"comma-separated, of: {', '.join(LOGIT_VARIANTS + HIDDEN_VARIANTS)}")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -96,40 +128,54 @@ def main() -> None:
         return child(args)
 
     variants = [v for v in args.variants.split(",") if v != "trl" or args.kind == "jsd"]
+    unknown = set(variants) - set(REFERENCE)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(REFERENCE)}")
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="divmem_") as out:
         for variant in variants:
             cmd = [sys.executable, __file__, "--variant", variant, "--out", out, "--batch", str(args.batch),
                    "--seq", str(args.seq), "--vocab", str(args.vocab), "--chunk", str(args.chunk),
-                   "--kind", args.kind, "--beta", str(args.beta)]
+                   "--kind", args.kind, "--beta", str(args.beta), "--hidden", str(args.hidden)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 results[variant] = {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"}
                 continue
             results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
         ok = [v for v in variants if "error" not in results[v]]
-        if "chunked" in ok:
-            for v in ok:
-                if v != "chunked":
-                    results[v]["value_max_abs_diff"] = _max_abs_diff(f"{out}/{v}.value", f"{out}/chunked.value")
-                    results[v]["grad_max_abs_diff"] = _max_abs_diff(f"{out}/{v}.grad", f"{out}/chunked.grad")
-    summary = {"batch": args.batch, "seq": args.seq, "vocab": args.vocab, "chunk": args.chunk, "kind": args.kind,
-               "beta": args.beta, "input_tensor_mib": round(args.batch * args.seq * args.vocab * 4 / 2**20),
-               "results": results}
-    if "chunked" in ok:
-        c = results["chunked"]
         for v in ok:
-            if v != "chunked":
-                results[v]["chunked_peak_ratio"] = round(c["peak_mib"] / results[v]["peak_mib"], 3)
-                results[v]["chunked_over_inputs_ratio"] = round(c["over_inputs_mib"] / results[v]["over_inputs_mib"], 3)
+            ref = REFERENCE[v]
+            if v != ref and ref in ok:
+                results[v]["value_max_abs_diff"] = _max_abs_diff(f"{out}/{v}.value", f"{out}/{ref}.value")
+                for name in GRADS[v]:
+                    results[v][f"grad_{name}_max_abs_diff"] = _max_abs_diff(f"{out}/{v}.grad_{name}",
+                                                                            f"{out}/{ref}.grad_{name}")
+                r, c = results[v], results[ref]
+                r[f"{ref}_peak_ratio"] = round(c["peak_mib"] / r["peak_mib"], 3)
+                r[f"{ref}_over_inputs_ratio"] = round(c["over_inputs_mib"] / r["over_inputs_mib"], 3)
+    summary = {"batch": args.batch, "seq": args.seq, "vocab": args.vocab, "hidden": args.hidden, "chunk": args.chunk,
+               "kind": args.kind, "beta": args.beta,
+               "input_tensor_mib": round(args.batch * args.seq * args.vocab * 4 / 2**20), "results": results}
     print(json.dumps(summary, indent=2))
-    print("\n| kind | B×T×V | chunk | variant | peak MiB | over inputs MiB | s | max |Δvalue| | max |Δgrad| |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| kind | B×T×V | inputs | chunk | variant | peak MiB | over inputs MiB | s | max |Δvalue| | max |Δgrad| |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for v in ok:
         r = results[v]
-        print(f"| {args.kind}{f' β={args.beta}' if args.kind == 'jsd' else ''} | {args.batch}×{args.seq}×{args.vocab} "
-              f"| {args.chunk if v == 'chunked' else '–'} | {v} | {r['peak_mib']} | {r['over_inputs_mib']} "
-              f"| {r['seconds']} | {r.get('value_max_abs_diff', 0):.1e} | {r.get('grad_max_abs_diff', 0):.1e} |")
+        label = f"{args.kind}{f' β={args.beta}' if args.kind == 'jsd' else ''}"
+        inputs = "logits" if v in LOGIT_VARIANTS else f"hidden (H={args.hidden})"
+        chunked = v in ("chunked", "fused")
+        if v == REFERENCE[v]:
+            delta_v = delta_g = "(reference)"
+        elif "value_max_abs_diff" in r:
+            delta_v = f"{r['value_max_abs_diff']:.1e}"
+            delta_g = ", ".join(f"{n} {r[f'grad_{n}_max_abs_diff']:.1e}" for n in GRADS[v])
+        else:
+            delta_v = delta_g = "–"
+        print(f"| {label} | {args.batch}×{args.seq}×{args.vocab} | {inputs} | {args.chunk if chunked else '–'} | {v} "
+              f"| {r['peak_mib']} | {r['over_inputs_mib']} | {r['seconds']} | {delta_v} | {delta_g} |")
+    for v in variants:
+        if v not in ok:
+            print(f"{v}: {results[v]['error']}", file=sys.stderr)
 
 
 if __name__ == "__main__":

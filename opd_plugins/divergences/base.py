@@ -12,16 +12,30 @@ from opd_plugins.teachers.base import Capability, TeacherScores
 
 
 @dataclass
+class LMHead:
+    """The student's output layer, linear: ``logits = (hidden @ weight.T + bias) / temperature``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    temperature: float = 1.0
+
+
+@dataclass
 class StudentOutputs:
     """The student's side, aligned with the completion tokens ``(B, T)``.
 
     ``token_logps`` carry gradient during the loss; ``logits`` ``(B, T, V)`` are present only when the
     divergence asks for the full vocabulary (``requires == "full"``), already divided by the temperature.
+    When the divergence computes the logits itself (:meth:`Divergence.uses_hidden_states`, e.g.
+    ``fused_lm_head: true``), ``logits`` is None and ``hidden`` ``(B, T, H)`` (the inputs of the output layer,
+    with gradient) and ``lm_head`` are given instead.
     """
 
     token_logps: torch.Tensor
     mask: torch.Tensor
     logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    lm_head: LMHead | None = None
 
 
 @dataclass
@@ -48,6 +62,11 @@ class Divergence(Component):
 
     def requires(self) -> Capability:
         return "sampled"
+
+    def uses_hidden_states(self) -> bool:
+        """True when :meth:`per_token` wants the student's final hidden states and lm head
+        (``StudentOutputs.hidden``/``lm_head``) instead of its logits, to compute the logits chunk by chunk."""
+        return False
 
     def per_token(self, student: StudentOutputs, teacher: TeacherScores) -> DivergenceTerms:
         raise NotImplementedError

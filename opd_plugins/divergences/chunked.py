@@ -8,6 +8,11 @@ logits. It saves only its two inputs, so besides them and the gradient of the lo
 ``(chunk_size, V)`` is alive: no full ``(B, T, V)`` probability tensor, let alone a student/teacher pair of them.
 ``chunk_size = 0`` is the plain autograd computation (the reference the chunked path is tested against).
 
+:func:`fused_full_vocab_divergence` goes one step further (``fused_lm_head``): it takes the final hidden states
+``(..., H)`` and the output layer ``(V, H)`` and computes the student logits chunk by chunk as well, so neither the
+``(..., V)`` logits nor their gradient ever exist; it returns the student's log-prob of given target tokens too,
+and its backward gives the gradients of the hidden states, the weight and the bias through both outputs.
+
 Divergences (``s``, ``t`` the student and teacher distributions at one position; TRL's conventions):
 
 * ``reverse_kl``: KL(s ‖ t) = Σ s (log s − log t)
@@ -29,7 +34,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from opd_plugins.components import ComponentParams
 from opd_plugins.divergences.base import Divergence, DivergenceTerms, StudentOutputs
@@ -153,6 +158,161 @@ def full_vocab_divergence(student_logits: torch.Tensor, teacher_logps: torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Fused with the output layer: from the final hidden states, so the (N, V) student logits never exist
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 temperature: float) -> torch.Tensor:
+    """Student log-probs ``(n, V)`` of a chunk of hidden states: ``log_softmax(F.linear(h, W, b) / τ)``, the
+    matmul in the inputs' dtype (as the model's lm head computes it), the rest in float32."""
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, -1)
+
+
+class FusedLinearDivergence(torch.autograd.Function):
+    """Per-token divergence and target-token log-prob from hidden states ``(N, H)`` and an output layer
+    ``(V, H)``, ``chunk`` rows at a time; backward recomputes each chunk's logits.
+
+    Returns ``(divergence (N,), token_logps (N,))`` in float32 (zeros for the one not asked for: ``t_logps`` or
+    ``target`` None). Saves only the inputs, so besides them, the gradients of ``hidden``/``weight``/``bias`` and a
+    float32 copy of ``weight`` (the backward's, when it is not already float32) nothing larger than ``(chunk, V)``
+    is alive. Gradients flow to ``hidden``, ``weight`` and ``bias`` through both outputs.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, t_logps, target, kind, coef, temperature, chunk):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(hidden, weight, bias, t_logps, target)
+        ctx.kind, ctx.coef, ctx.temperature, ctx.chunk = kind, coef, temperature, chunk
+        n = hidden.shape[0]
+        div = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        tok = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        for i in range(0, n, chunk):
+            s_lp = _chunk_logps(hidden[i:i + chunk], weight, bias, temperature)
+            if t_logps is not None:
+                div[i:i + chunk] = divergence_from_logps(kind, coef, s_lp, t_logps[i:i + chunk].float())
+            if target is not None:
+                tok[i:i + chunk] = s_lp.gather(-1, target[i:i + chunk].unsqueeze(-1)).squeeze(-1)
+        return div, tok
+
+    @staticmethod
+    def backward(ctx, grad_div, grad_tok):
+        hidden, weight, bias, t_logps, target = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_div = grad_div if t_logps is not None else None
+        grad_tok = grad_tok if target is not None else None
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        if grad_div is None and grad_tok is None:
+            return _cast(grad_h, hidden), _cast(grad_w, weight), _cast(grad_b, bias), None, None, None, None, None, None
+        w32 = weight.float() if need_h else None  # no copy when weight is float32
+        for i in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[i:i + ctx.chunk]
+            s_lp = _chunk_logps(h, weight, bias, ctx.temperature)
+            gz = None  # ∂loss/∂(logits / τ) for this chunk, (n, V) float32
+            if grad_div is not None:
+                gz = _logit_grad(ctx.kind, ctx.coef, s_lp, t_logps[i:i + ctx.chunk].float())
+                gz.mul_(grad_div[i:i + ctx.chunk].float().unsqueeze(-1))
+            if grad_tok is not None:  # ∂ log s(y) / ∂z = onehot(y) − s
+                g = grad_tok[i:i + ctx.chunk].float().unsqueeze(-1)
+                g_tok = s_lp.exp().mul_(-g).scatter_add_(-1, target[i:i + ctx.chunk].unsqueeze(-1), g)
+                gz = g_tok if gz is None else gz.add_(g_tok)
+            if ctx.temperature != 1.0:
+                gz.div_(ctx.temperature)
+            if need_h:
+                grad_h[i:i + ctx.chunk] = gz @ w32
+            if need_w:
+                grad_w.addmm_(gz.T, h.float())
+            if need_b:
+                grad_b += gz.sum(0)
+        return _cast(grad_h, hidden), _cast(grad_w, weight), _cast(grad_b, bias), None, None, None, None, None, None
+
+
+def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+    return None if grad is None else grad.to(like.dtype)
+
+
+def _check_fused(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk_size: int,
+                 target_ids: torch.Tensor | None) -> None:
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden states {tuple(hidden.shape)} and lm-head weight {tuple(weight.shape)} must be "
+                         "(..., H) and (V, H)")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"lm-head bias {tuple(bias.shape)} must be (V,) = ({weight.shape[0]},)")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0 for the fused lm-head path (got {chunk_size})")
+    if target_ids is not None and target_ids.shape != hidden.shape[:-1]:
+        raise ValueError(f"target ids {tuple(target_ids.shape)} must be the hidden states' leading shape "
+                         f"{tuple(hidden.shape[:-1])}")
+
+
+def fused_full_vocab_divergence(hidden: torch.Tensor, weight: torch.Tensor, teacher_logps: torch.Tensor, kind: str,
+                                coef: float = 0.0, temperature: float = 1.0, chunk_size: int = 256,
+                                target_ids: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+    """Per-token divergence ``(...)`` between ``softmax((hidden @ weight.T + bias) / temperature)`` and
+    ``exp(teacher_logps)``, computed ``chunk_size`` tokens at a time from the final hidden states ``(..., H)`` and
+    the output layer ``weight (V, H)`` (``bias (V,)``), so neither the ``(..., V)`` student logits nor their
+    gradient is ever held (what Liger-Kernel's fused linear JSD does). Gradients flow to ``hidden``, ``weight``
+    and ``bias``; the teacher is a constant.
+
+    With ``target_ids (...)`` it returns ``(divergence, token_logps)``, the second the student's log-prob of each
+    target token (differentiable too); otherwise the divergence alone. Both are float32. The head must be linear:
+    a model that soft-caps or rescales its logits after the head is not this function's to compute.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {', '.join(KINDS)}")
+    _check_fused(hidden, weight, bias, chunk_size, target_ids)
+    if teacher_logps.shape != (*hidden.shape[:-1], weight.shape[0]):
+        raise ValueError(f"teacher log-probs {tuple(teacher_logps.shape)} must be (..., V) = "
+                         f"{(*hidden.shape[:-1], weight.shape[0])}")
+    if teacher_logps.requires_grad:
+        raise ValueError("teacher log-probs must not require grad: the teacher is a constant of the divergence")
+    lead, H, V = hidden.shape[:-1], hidden.shape[-1], weight.shape[0]
+    target = None if target_ids is None else target_ids.reshape(-1)
+    div, tok = FusedLinearDivergence.apply(hidden.reshape(-1, H), weight, bias, teacher_logps.reshape(-1, V), target,
+                                           kind, coef, float(temperature), chunk_size)
+    return div.view(lead) if target_ids is None else (div.view(lead), tok.view(lead))
+
+
+def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, target_ids: torch.Tensor, temperature: float = 1.0,
+                      chunk_size: int = 256, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The student's log-prob ``(...)`` of each target token from the final hidden states ``(..., H)``, chunk by
+    chunk as :func:`fused_full_vocab_divergence` (no ``(..., V)`` logits held); differentiable, float32."""
+    _check_fused(hidden, weight, bias, chunk_size, target_ids)
+    lead, H = hidden.shape[:-1], hidden.shape[-1]
+    _, tok = FusedLinearDivergence.apply(hidden.reshape(-1, H), weight, bias, None, target_ids.reshape(-1), None, 0.0,
+                                         float(temperature), chunk_size)
+    return tok.view(lead)
+
+
+def check_fused_params(params: ComponentParams) -> None:
+    """``fused_lm_head`` computes in chunks: refuse ``chunk_size: 0`` with it (a Params validator's body)."""
+    if params.fused_lm_head and params.chunk_size == 0:
+        raise ValueError("fused_lm_head computes the logits chunk by chunk, so chunk_size must be > 0; set "
+                         "chunk_size (e.g. 256) or fused_lm_head: false")
+
+
+def student_divergence(name: str, student: StudentOutputs, teacher: TeacherScores, kind: str, coef: float,
+                       chunk_size: int) -> torch.Tensor:
+    """Per-token divergence ``(B, T)`` (unmasked) of a full-vocabulary component, from the student's final hidden
+    states and lm head when :class:`StudentOutputs` carries them (``fused_lm_head``), else from its logits."""
+    if teacher.logps is None:
+        raise ValueError(f"divergence {name!r} needs teacher full-vocabulary log-probs (requires() == 'full')")
+    if student.hidden is not None and student.lm_head is not None:
+        head = student.lm_head
+        return fused_full_vocab_divergence(student.hidden, head.weight, teacher.logps, kind, coef, head.temperature,
+                                           chunk_size, bias=head.bias)
+    if student.logits is None:
+        raise ValueError(f"divergence {name!r} needs student logits, or its final hidden states and lm head with "
+                         "fused_lm_head (requires() == 'full')")
+    return full_vocab_divergence(student.logits, teacher.logps, kind, coef, chunk_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Sampled-token rewards. D = Σ_x s(x)·f(r(x)), r = t/s; from x ~ s:
 #   score:    reward −(f(r) − r·f'(r) + f'(1)); E_s[reward·∇log s] = −∇D exactly (REINFORCE with this per-token
 #             reward follows the divergence's gradient), and the reward is 0 where t = s.
@@ -200,6 +360,15 @@ class FullVocabParams(ComponentParams):
     reward: Literal["score", "estimate"] = Field(
         "score", description="Per-token reward at the sampled token: 'score' (its policy gradient is exactly −∇D in "
                              "expectation) or 'estimate' (an unbiased, non-negative estimate of −D).")
+    fused_lm_head: bool = Field(
+        False, description="Compute the student logits chunk by chunk from the final hidden states and the lm head "
+                           "(the (B, T, V) logits and their gradient never exist); token weightings then get no "
+                           "student logits.")
+
+    @model_validator(mode="after")
+    def _fused_needs_chunks(self):
+        check_fused_params(self)
+        return self
 
 
 class FullVocabDivergence(Divergence):
@@ -207,7 +376,8 @@ class FullVocabDivergence(Divergence):
 
     Subclasses say which divergence through :meth:`kind_and_coef`. The loss is the exact per-token divergence
     (differentiated directly, chunked over tokens); the value is the same, detached; the reward is the sampled-token
-    form chosen by ``reward`` (see :func:`sampled_reward`).
+    form chosen by ``reward`` (see :func:`sampled_reward`). With ``fused_lm_head`` the trainer passes the final
+    hidden states and the lm head instead of the logits (:func:`fused_full_vocab_divergence`).
     """
 
     Params = FullVocabParams
@@ -218,13 +388,13 @@ class FullVocabDivergence(Divergence):
     def requires(self) -> Capability:
         return "full"
 
+    def uses_hidden_states(self) -> bool:
+        return self.params.fused_lm_head
+
     def per_token(self, student: StudentOutputs, teacher: TeacherScores) -> DivergenceTerms:
-        if student.logits is None or teacher.logps is None:
-            missing = "student logits" if student.logits is None else "teacher full-vocabulary log-probs"
-            raise ValueError(f"divergence {self.name!r} needs {missing} (requires() == 'full')")
         kind, coef = self.kind_and_coef()
         mask = student.mask * teacher.mask
-        value = full_vocab_divergence(student.logits, teacher.logps, kind, coef, self.params.chunk_size) * mask
+        value = student_divergence(self.name, student, teacher, kind, coef, self.params.chunk_size) * mask
         return DivergenceTerms(loss=value, value=value.detach())
 
     def reward(self, student: StudentOutputs, teacher: TeacherScores) -> torch.Tensor:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from opd_plugins.components import ComponentParams
 from opd_plugins.divergences.base import Divergence, DivergenceTerms, StudentOutputs
+from opd_plugins.divergences.chunked import check_fused_params, student_divergence
 from opd_plugins.teachers.base import Capability, TeacherScores
 
 
@@ -21,7 +22,9 @@ class ReverseKL(Divergence):
     position (a loss of ``log π_s − log π_t`` alone would have zero expected gradient). As a reward it is
     ``−(log π_s(x_t) − log π_t(x_t))``, which depends on the sampled token as the policy gradient requires.
     ``estimator: full`` computes ``Σ_v π_s(v)(log π_s(v) − log π_t(v))`` exactly from full-vocabulary log-probs
-    and differentiates it directly.
+    and differentiates it directly, ``chunk_size`` tokens at a time through the recomputing kernel of
+    :mod:`~opd_plugins.divergences.chunked` (0 = all at once, plain autograd; same values and gradients);
+    ``fused_lm_head: true`` computes the student logits there too, chunk by chunk from the final hidden states.
     Paper: Agarwal et al. (GKD), https://arxiv.org/abs/2306.13649; Thinking Machines, "On-Policy Distillation".
     """
 
@@ -29,15 +32,31 @@ class ReverseKL(Divergence):
 
     class Params(ComponentParams):
         estimator: Literal["sampled", "full"] = Field("sampled", description="Sampled-token (k1) or full-vocabulary.")
+        chunk_size: int = Field(
+            256, ge=0, description="estimator=full: tokens per chunk of the full-vocabulary computation; 0 = all at "
+                                   "once (holds several (B, T, V) tensors).")
+        fused_lm_head: bool = Field(
+            False, description="estimator=full: compute the student logits chunk by chunk from the final hidden "
+                               "states and the lm head (the (B, T, V) logits and their gradient never exist).")
+
+        @model_validator(mode="after")
+        def _fused_needs_full(self):
+            if self.fused_lm_head and self.estimator != "full":
+                raise ValueError("fused_lm_head applies to estimator: full only, because the sampled estimator needs "
+                                 "no logits; set estimator: full or fused_lm_head: false")
+            check_fused_params(self)
+            return self
 
     def requires(self) -> Capability:
         return "full" if self.params.estimator == "full" else "sampled"
 
+    def uses_hidden_states(self) -> bool:
+        return self.params.fused_lm_head
+
     def per_token(self, student: StudentOutputs, teacher: TeacherScores) -> DivergenceTerms:
         mask = student.mask * teacher.mask
         if self.params.estimator == "full":
-            s_logps = torch.log_softmax(student.logits.float(), dim=-1)
-            kl = (s_logps.exp() * (s_logps - teacher.logps)).sum(-1) * mask
+            kl = student_divergence(self.name, student, teacher, "reverse_kl", 0.0, self.params.chunk_size) * mask
             return DivergenceTerms(loss=kl, value=kl.detach())
         log_ratio = ((student.token_logps - teacher.token_logps) * mask).detach()
         return DivergenceTerms(loss=log_ratio * student.token_logps * mask, value=log_ratio)

@@ -16,8 +16,6 @@ TRL override points (trl 1.16, private, hence the pin): ``_generate``, ``_genera
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from typing import Any
 
 import torch
@@ -31,12 +29,12 @@ from opd_plugins.errors import ModelLoadError, OPDError, TeacherError
 from opd_plugins.teachers.base import CAPABILITY_ORDER, TeacherBatch, TeacherScores
 from opd_plugins.trainers.components import Components
 from opd_plugins.trainers.opd_config import OPDConfig
-from opd_plugins.trainers.state import load_component_states, mark_complete, save_component_states
+from opd_plugins.trainers.checkpointing import STAGING_DIR, AtomicCheckpointMixin  # noqa: F401 (re-exported)
+from opd_plugins.trainers.state import load_component_states, save_component_states
 
-STAGING_DIR = ".staging"
 
 
-class OPDTrainer(GRPOTrainer):
+class OPDTrainer(AtomicCheckpointMixin, GRPOTrainer):
     """On-policy distillation, self-distillation, GRPO and hybrids: one trainer, chosen by components.
 
     Takes every ``GRPOTrainer`` argument, plus ``components`` (a :class:`Components`; default: GRPO with no
@@ -60,7 +58,6 @@ class OPDTrainer(GRPOTrainer):
         self._rewards_per_func: torch.Tensor | None = None
         self._captured_logps: torch.Tensor | None = None
         self._capture = False
-        self._staging = False
         _check_components(self.components)
         # Pure distillation needs no task reward, but TRL requires a reward source: give it a constant one and
         # leave advantages to the divergence.
@@ -294,17 +291,33 @@ class OPDTrainer(GRPOTrainer):
         return logps, entropies, aux
 
     def student_outputs(self, model: Any, inputs: dict[str, Any], *, grad: bool = True) -> StudentOutputs:
-        """The student's per-token log-probs (and logits when the divergence needs the full vocabulary)."""
+        """The student's per-token log-probs (and logits when the divergence needs the full vocabulary).
+
+        A divergence with ``fused_lm_head`` (:meth:`~opd_plugins.divergences.base.Divergence.uses_hidden_states`)
+        gets no logits but the final hidden states and the lm head; the token log-probs are then computed chunk by
+        chunk from those too, so no ``(B, T, V)`` tensor is made here."""
         mask = _loss_mask(inputs)
         divergence = self.components.divergence
         full = divergence is not None and divergence.requires() in ("topk", "full")  # both read student logits
-        if grad and not full and self._captured_logps is not None:
+        fused = divergence is not None and divergence.uses_hidden_states()
+        if grad and not full and not fused and self._captured_logps is not None:
             logps, self._captured_logps = self._captured_logps, None
             return StudentOutputs(token_logps=logps, mask=mask)
         ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
         am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
         T = inputs["completion_ids"].shape[1]
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            if fused:
+                from opd_plugins.divergences.base import LMHead
+                from opd_plugins.divergences.chunked import fused_token_logps
+
+                hidden, head = _final_hidden_states(model, self.accelerator.unwrap_model(model), ids, am, T + 1)
+                hidden = hidden[:, :-1]
+                lm_head = LMHead(head.weight, head.bias, self.temperature)
+                chunk = getattr(divergence.params, "chunk_size", 0) or 256
+                logps = fused_token_logps(hidden, head.weight, inputs["completion_ids"], self.temperature, chunk,
+                                          head.bias)
+                return StudentOutputs(token_logps=logps, mask=mask, hidden=hidden, lm_head=lm_head)
             if full:
                 logits = model(input_ids=ids, attention_mask=am, logits_to_keep=T + 1).logits[:, -(T + 1):-1]
                 logits = logits.float() / self.temperature
@@ -380,36 +393,9 @@ class OPDTrainer(GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------
     # Checkpoints: written to a staging directory, then published by an atomic rename
     # ------------------------------------------------------------------------------------------------------
-    def _get_output_dir(self, trial):
-        run_dir = super()._get_output_dir(trial)
-        return os.path.join(run_dir, STAGING_DIR) if self._staging else run_dir
-
-    def _save_checkpoint(self, model, trial):
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-        from transformers.trainer_utils import rotate_checkpoints
-
-        run_dir = super()._get_output_dir(trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staged = os.path.join(run_dir, STAGING_DIR, name)
-        final = os.path.join(run_dir, name)
-        if self.args.should_save and os.path.exists(staged):
-            shutil.rmtree(staged)  # a checkpoint a killed run never published
-        self.accelerator.wait_for_everyone()
-        self._staging = True
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging = False
-        if self.args.should_save:
-            save_component_states(staged, self.components.named())
-            self.pm.call("opd_checkpoint_save", trainer=self, checkpoint_dir=staged)
-            mark_complete(staged)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(staged, final)
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint)
-        self.accelerator.wait_for_everyone()
+    def _before_publish(self, staged: str) -> None:
+        save_component_states(staged, self.components.named())
+        self.pm.call("opd_checkpoint_save", trainer=self, checkpoint_dir=staged)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -451,6 +437,65 @@ def _checked_reward_func(func: Any, name: str) -> Any:
     wrapper.__name__ = name
     wrapper.__wrapped__ = func
     return wrapper
+
+
+def _final_hidden_states(model: Any, unwrapped: Any, ids: torch.Tensor, attention_mask: torch.Tensor,
+                         keep: int) -> tuple[torch.Tensor, torch.nn.Linear]:
+    """For ``fused_lm_head``: the inputs of the model's output layer at its last ``keep`` positions
+    ``(B, keep, H)`` (with gradient), and that layer.
+
+    ``model`` runs as usual (through any DDP/PEFT wrapper), but a forward pre-hook on the output layer records its
+    input and narrows it to the last position, so the model computes ``(B, 1, V)`` logits instead of
+    ``(B, keep, V)``. Those logits are then checked against ``F.linear`` of the recorded states, which catches
+    soft-capping or rescaling the config does not announce. Refused, with the reason: logit soft-capping or
+    scaling, an output layer that is not a floating-point ``nn.Linear``, a PEFT adapter on it (LoRA on
+    ``lm_head``, or ``lm_head`` in ``modules_to_save``), a sharded weight. Tied embeddings need nothing special:
+    the weight's gradient accumulates into the shared parameter.
+    """
+    what = "fused_lm_head computes the student logits as hidden @ lm_head.weight.T (+ bias)"
+    unset = "; set fused_lm_head: false"
+    config = getattr(unwrapped, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(config, "final_logit_softcapping", None):
+        raise OPDError(f"{what}, but this model soft-caps its logits (final_logit_softcapping="
+                       f"{config.final_logit_softcapping}){unset}")
+    for key in ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier"):
+        if getattr(config, key, None) not in (None, 1, 1.0):
+            raise OPDError(f"{what}, but this model rescales its logits ({key}={getattr(config, key)}){unset}")
+    head = unwrapped.get_output_embeddings() if hasattr(unwrapped, "get_output_embeddings") else None
+    if hasattr(head, "base_layer") or hasattr(head, "original_module"):
+        name = f"{type(head).__module__}.{type(head).__name__}"
+        raise OPDError(f"{what}, but the lm head carries a PEFT adapter ({name}: LoRA on lm_head or lm_head in "
+                       f"modules_to_save); leave lm_head out of the adapter{unset}")
+    if not isinstance(head, torch.nn.Linear):
+        raise OPDError(f"{what}, but the model's output layer is {type(head).__name__}, not a torch.nn.Linear{unset}")
+    if not head.weight.is_floating_point():
+        raise OPDError(f"{what}, but the lm head's weight is {head.weight.dtype} (quantized?){unset}")
+    captured: list[torch.Tensor] = []
+
+    def narrow(module: Any, args: tuple) -> tuple:
+        captured.append(args[0])
+        return (args[0][:, -1:], *args[1:])
+
+    handle = head.register_forward_pre_hook(narrow)
+    try:
+        logits = model(input_ids=ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+    finally:
+        handle.remove()
+    if len(captured) != 1 or captured[0].dim() != 3 or captured[0].shape[1] != keep:
+        raise OPDError(f"{what}, but the model's forward called its output layer {len(captured)} times, not once on "
+                       f"(B, {keep}, H) hidden states{unset}")
+    hidden, weight = captured[0], head.weight
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise OPDError(f"{what}, but the lm head's weight is {tuple(weight.shape)} for hidden size "
+                       f"{hidden.shape[-1]} (sharded by FSDP or ZeRO-3?){unset}")
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(hidden[:, -1:], weight, head.bias).float()
+        diff = float((logits[:, -1:].float() - ref).abs().max()) if logits.shape == ref.shape else float("inf")
+        if not diff <= 1e-2 * float(ref.abs().max()) + 1e-4:
+            raise OPDError(f"{what}, but this model's logits differ from that by up to {diff:.3g}: it post-processes "
+                           f"them (soft-capping or scaling){unset}")
+    return hidden, head
 
 
 def _loss_mask(batch: dict[str, Any]) -> torch.Tensor:

@@ -529,3 +529,211 @@ def test_kernel_bad_input():
     with pytest.raises(ValueError, match="must not require grad"):
         full_vocab_divergence(s_logits, t_logps.clone().requires_grad_(True), "forward_kl")
     assert set(KINDS) == {"reverse_kl", "forward_kl", "jsd", "tv", "skew_forward_kl", "skew_reverse_kl"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reverse_kl (full) through the chunked kernel; the fused lm-head path
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 4, 256])
+def test_reverse_kl_full_equals_the_naive_formula_in_values_and_gradients(chunk):
+    s_logits, t_logps, tokens = random_pair(B=3, T=6, V=40, seed=60, sharp=3.0)
+    mask = torch.ones(tokens.shape)
+    mask[2, 3:] = 0
+    weights = torch.rand(3, 6, generator=torch.Generator().manual_seed(1))
+    ref_z = s_logits.clone().requires_grad_(True)
+    s_lp = torch.log_softmax(ref_z.float(), dim=-1)  # the formula reverse_kl used before the chunked kernel
+    ref = (s_lp.exp() * (s_lp - t_logps)).sum(-1) * mask
+    (ref * weights).sum().backward()
+    logits, student, teacher = make_inputs(s_logits, t_logps, tokens, mask=mask)
+    terms = ReverseKL(ReverseKL.Params(estimator="full", chunk_size=chunk)).per_token(student, teacher)
+    (terms.loss * weights).sum().backward()
+    assert torch.allclose(terms.value, ref.detach(), atol=1e-6, rtol=1e-6)
+    assert torch.allclose(logits.grad, ref_z.grad, atol=1e-7, rtol=1e-5)
+
+
+def _head_inputs(seed, B=3, T=5, H=12, V=37, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * 0.6
+    b = torch.randn(V, generator=g) if bias else None
+    t_logps = torch.log_softmax(torch.randn(B, T, V, generator=g) * 2, -1)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T)
+    mask[0, 3:] = 0  # masked rows: zero value and zero gradient there
+    mask[-1, 0] = 0
+    w_div, w_tok = torch.rand(B, T, generator=g), torch.randn(B, T, generator=g)
+    return hidden, weight, b, t_logps, targets, mask, w_div, w_tok
+
+
+def _naive_from_hidden(hidden, weight, bias, t_logps, targets, kind, coef, temperature):
+    logits = torch.nn.functional.linear(hidden, weight, bias).float() / temperature
+    value = full_vocab_divergence(logits, t_logps, kind, coef, chunk_size=0)
+    tok = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return value, tok
+
+
+def _leaves(*tensors):
+    return [None if t is None else t.clone().requires_grad_(True) for t in tensors]
+
+
+@pytest.mark.parametrize("kind,coef", KIND_COEF)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_equals_naive_values_and_gradients(kind, coef, temperature, bias):
+    from opd_plugins.divergences.chunked import fused_full_vocab_divergence
+
+    hidden, weight, b, t_logps, targets, mask, w_div, w_tok = _head_inputs(61, bias=bias)
+    ref_in, got_in = _leaves(hidden, weight, b), _leaves(hidden, weight, b)
+    ref, ref_tok = _naive_from_hidden(*ref_in, t_logps, targets, kind, coef, temperature)
+    ((ref * mask * w_div).sum() + (ref_tok * w_tok).sum()).backward()
+    got, got_tok = fused_full_vocab_divergence(got_in[0], got_in[1], t_logps, kind, coef, temperature, chunk_size=4,
+                                               target_ids=targets, bias=got_in[2])
+    ((got * mask * w_div).sum() + (got_tok * w_tok).sum()).backward()
+    assert got.dtype == got_tok.dtype == torch.float32 and got.shape == got_tok.shape == (3, 5)
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5) and torch.allclose(got_tok, ref_tok, atol=1e-5, rtol=1e-5)
+    for name, r, g in zip(("hidden", "weight", "bias"), ref_in, got_in):
+        if r is not None:
+            assert torch.allclose(g.grad, r.grad, atol=1e-5, rtol=1e-5), name
+
+
+@pytest.mark.parametrize("kind,coef", [("jsd", 0.5), ("reverse_kl", 0.0)])
+def test_fused_gradients_through_each_output_alone(kind, coef):
+    from opd_plugins.divergences.chunked import fused_full_vocab_divergence, fused_token_logps
+
+    hidden, weight, b, t_logps, targets, mask, w_div, w_tok = _head_inputs(62)
+    # divergence only (no target ids: a single output), masked rows get no gradient
+    ref_in, got_in = _leaves(hidden, weight, b), _leaves(hidden, weight, b)
+    ref, _ = _naive_from_hidden(*ref_in, t_logps, targets, kind, coef, 0.8)
+    (ref * mask * w_div).sum().backward()
+    got = fused_full_vocab_divergence(got_in[0], got_in[1], t_logps, kind, coef, 0.8, chunk_size=2, bias=got_in[2])
+    (got * mask * w_div).sum().backward()
+    assert torch.allclose(got, ref, atol=1e-5)
+    for r, g in zip(ref_in, got_in):
+        assert torch.allclose(g.grad, r.grad, atol=1e-5, rtol=1e-5)
+    assert (got_in[0].grad[0, 3:] == 0).all() and (got_in[0].grad[-1, 0] == 0).all()
+    # token log-probs only: as a returned-but-unused divergence, and through fused_token_logps
+    for use_divergence_fn in (True, False):
+        ref_in, got_in = _leaves(hidden, weight, b), _leaves(hidden, weight, b)
+        _, ref_tok = _naive_from_hidden(*ref_in, t_logps, targets, kind, coef, 0.8)
+        (ref_tok * w_tok).sum().backward()
+        if use_divergence_fn:
+            _, tok = fused_full_vocab_divergence(got_in[0], got_in[1], t_logps, kind, coef, 0.8, chunk_size=3,
+                                                 target_ids=targets, bias=got_in[2])
+        else:
+            tok = fused_token_logps(got_in[0], got_in[1], targets, 0.8, chunk_size=3, bias=got_in[2])
+        (tok * w_tok).sum().backward()
+        assert torch.allclose(tok, ref_tok, atol=1e-5)
+        for r, g in zip(ref_in, got_in):
+            assert torch.allclose(g.grad, r.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_with_a_frozen_head_gives_only_the_hidden_gradient():
+    from opd_plugins.divergences.chunked import fused_full_vocab_divergence
+
+    hidden, weight, _, t_logps, targets, mask, w_div, _ = _head_inputs(63, bias=False)
+    h = hidden.clone().requires_grad_(True)
+    fused_full_vocab_divergence(h, weight, t_logps, "forward_kl", chunk_size=4).sum().backward()
+    ref_h = hidden.clone().requires_grad_(True)
+    _naive_from_hidden(ref_h, weight, None, t_logps, targets, "forward_kl", 0.0, 1.0)[0].sum().backward()
+    assert weight.grad is None and torch.allclose(h.grad, ref_h.grad, atol=1e-5)
+
+
+def test_fused_accepts_bf16_and_returns_bf16_gradients():
+    from opd_plugins.divergences.chunked import fused_full_vocab_divergence
+
+    hidden, weight, b, t_logps, targets, mask, w_div, w_tok = _head_inputs(64)
+    got_in = [t.bfloat16().requires_grad_(True) for t in (hidden, weight, b)]
+    ref_in = [t.bfloat16().float().requires_grad_(True) for t in (hidden, weight, b)]
+    got, tok = fused_full_vocab_divergence(got_in[0], got_in[1], t_logps, "jsd", 0.5, chunk_size=4, target_ids=targets,
+                                           bias=got_in[2])
+    ((got * w_div).sum() + (tok * w_tok).sum()).backward()
+    ref, ref_tok = _naive_from_hidden(*ref_in, t_logps, targets, "jsd", 0.5, 1.0)
+    ((ref * w_div).sum() + (ref_tok * w_tok).sum()).backward()
+    assert got.dtype == torch.float32 and all(t.grad.dtype == torch.bfloat16 for t in got_in)
+    assert torch.allclose(got, ref, atol=2e-2) and torch.allclose(tok, ref_tok, atol=5e-2)
+    for r, g in zip(ref_in, got_in):
+        assert torch.allclose(g.grad.float(), r.grad, atol=5e-2, rtol=2e-2)
+
+
+def test_fused_saves_only_its_inputs():
+    """The memory claim, structurally: autograd keeps the hidden states, the weight, the bias, the teacher
+    log-probs and the target ids, and no (N, V) student tensor."""
+    from opd_plugins.divergences.chunked import fused_full_vocab_divergence
+
+    hidden, weight, b, t_logps, targets, *_ = _head_inputs(65, B=2, T=8, H=6, V=64)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    h, w, bb = _leaves(hidden, weight, b)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fused_full_vocab_divergence(h, w, t_logps, "jsd", 0.5, chunk_size=4, target_ids=targets, bias=bb)
+    inputs = [hidden, weight, b, t_logps, targets]
+    assert sum(sizes) == sum(t.numel() * t.element_size() for t in inputs)
+
+
+def test_fused_bad_input():
+    from opd_plugins.divergences.chunked import fused_full_vocab_divergence
+
+    hidden, weight, b, t_logps, targets, *_ = _head_inputs(66)
+    with pytest.raises(ValueError, match="unknown divergence kind 'kl'"):
+        fused_full_vocab_divergence(hidden, weight, t_logps, "kl")
+    with pytest.raises(ValueError, match=r"must be \(\.\.\., H\) and \(V, H\)"):
+        fused_full_vocab_divergence(hidden, weight[:, :-1], t_logps, "jsd", 0.5)
+    with pytest.raises(ValueError, match="teacher log-probs .* must be"):
+        fused_full_vocab_divergence(hidden, weight, t_logps[..., :-1], "jsd", 0.5)
+    with pytest.raises(ValueError, match="bias"):
+        fused_full_vocab_divergence(hidden, weight, t_logps, "jsd", 0.5, bias=b[:-1])
+    with pytest.raises(ValueError, match="chunk_size must be > 0"):
+        fused_full_vocab_divergence(hidden, weight, t_logps, "jsd", 0.5, chunk_size=0)
+    with pytest.raises(ValueError, match="target ids"):
+        fused_full_vocab_divergence(hidden, weight, t_logps, "jsd", 0.5, target_ids=targets[:, :-1])
+    with pytest.raises(ValueError, match="must not require grad"):
+        fused_full_vocab_divergence(hidden, weight, t_logps.clone().requires_grad_(True), "jsd", 0.5)
+
+
+FUSED_COMPONENTS = FULL + [(ReverseKL, {"estimator": "full"})]
+
+
+@pytest.mark.parametrize("cls,params", FUSED_COMPONENTS, ids=_ids(FUSED_COMPONENTS))
+def test_components_take_hidden_states_and_lm_head_with_fused_lm_head(cls, params):
+    from opd_plugins.divergences import StudentOutputs
+    from opd_plugins.divergences.base import LMHead
+
+    div = cls(cls.Params(**params, chunk_size=4, fused_lm_head=True))
+    assert div.uses_hidden_states() and not cls(cls.Params(**params)).uses_hidden_states()
+    hidden, weight, b, t_logps, targets, mask, w_div, _ = _head_inputs(67)
+    temperature = 0.9
+    ref_in = _leaves(hidden, weight, b)
+    logits = torch.nn.functional.linear(*ref_in).float() / temperature
+    _, ref_student, teacher = make_inputs(logits.detach(), t_logps, targets, mask=mask, requires_grad=False)
+    ref_student.logits = logits
+    ref = cls(cls.Params(**params, chunk_size=0)).per_token(ref_student, teacher)
+    (ref.loss * w_div).sum().backward()
+    h, w, bb = _leaves(hidden, weight, b)
+    student = StudentOutputs(token_logps=ref_student.token_logps, mask=mask, hidden=h,
+                             lm_head=LMHead(w, bb, temperature))
+    terms = div.per_token(student, teacher)
+    (terms.loss * w_div).sum().backward()
+    assert torch.allclose(terms.value, ref.value, atol=1e-5) and (terms.value[0, 3:] == 0).all()
+    for r, g in zip(ref_in, (h, w, bb)):
+        assert torch.allclose(g.grad, r.grad, atol=1e-5, rtol=1e-5)
+    student.hidden = None
+    with pytest.raises(ValueError, match="needs student logits, or its final hidden states"):
+        div.per_token(student, teacher)
+
+
+def test_fused_lm_head_param_errors():
+    with pytest.raises(ValidationError, match="chunk_size must be > 0"):
+        JSD.Params(fused_lm_head=True, chunk_size=0)
+    with pytest.raises(ValidationError, match="applies to estimator: full only"):
+        ReverseKL.Params(fused_lm_head=True)
+    with pytest.raises(ValidationError, match="chunk_size must be > 0"):
+        ReverseKL.Params(estimator="full", fused_lm_head=True, chunk_size=0)
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+        ReverseKL.Params(chunk_size=-1)
+    assert not ReverseKL().uses_hidden_states() and not K1().uses_hidden_states()
