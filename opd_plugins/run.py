@@ -3,6 +3,8 @@
 The run directory (``output_dir``) holds: ``recipe.yaml`` (resolved, secrets redacted), ``plugins.json``
 (loaded plugins and versions), ``run_info.json``, ``metrics.jsonl``, ``checkpoint-N/`` (published atomically),
 ``eval_before.json`` / ``eval_summary.json``, ``curves.png`` and ``final/`` (the trained weights or adapter).
+A recipe whose divergence is a preference objective (``dpo``) is run by :mod:`opd_plugins.soda` into the same
+layout, plus ``soda_pairs.jsonl``.
 """
 
 from __future__ import annotations
@@ -189,6 +191,10 @@ def train(recipe: Recipe, pm: Any, *, resume: bool = False, overwrite: bool = Fa
     from rich.console import Console
     from transformers import set_seed
 
+    from opd_plugins import soda
+
+    if soda.is_preference_recipe(recipe, pm):  # a preference objective: SODA pairs + TRL's DPOTrainer
+        return soda.train(recipe, pm, resume=resume, overwrite=overwrite, argv=argv)
     console = Console(stderr=True)
     out = Path(recipe.output_dir)
     # Everything that can be checked without the model is checked before anything is written.
@@ -203,28 +209,43 @@ def train(recipe: Recipe, pm: Any, *, resume: bool = False, overwrite: bool = Fa
     try:
         do_eval = recipe.evaluation.enabled and eval_ds is not None and task is not None
         summary: dict[str, Any] = {"recipe": recipe.source, "output_dir": str(out)}
-        before_path = out / "eval_before.json"
         if do_eval and trainer.accelerator.is_main_process:
-            if before_path.exists():
-                before = json.loads(before_path.read_text())
-            else:
-                before = run_evaluation(trainer, recipe, eval_ds, task, "evaluating before training")
-                before_path.write_text(json.dumps(before, indent=1))
-            summary["before"] = before
-        t0 = time.time()
-        trainer.train(resume_from_checkpoint=checkpoint)
-        summary["train_seconds"] = round(time.time() - t0, 1)
-        summary["steps"] = trainer.state.global_step
-        trainer.save_model(str(out / "final"))
-        if trainer.accelerator.is_main_process:
-            if do_eval:
-                summary["after"] = run_evaluation(trainer, recipe, eval_ds, task, "evaluating after training")
-            (out / "eval_summary.json").write_text(json.dumps(summary, indent=1))
-            plot_curves(out, summary)
-            print_summary(console, summary)
+            summary["before"] = cached_before_eval(
+                out, lambda: run_evaluation(trainer, recipe, eval_ds, task, "evaluating before training"))
+        after = (lambda: run_evaluation(trainer, recipe, eval_ds, task, "evaluating after training")) if do_eval \
+            else None
+        train_and_report(trainer, out, summary, checkpoint, console, after)
     finally:
         trainer.close_components()
     return summary
+
+
+def cached_before_eval(out: Path, evaluate: Any) -> dict[str, Any]:
+    """The pre-training evaluation, read from ``eval_before.json`` when a resumed run already has it (the
+    weights it measured are gone), else computed by ``evaluate()`` and written there."""
+    before_path = out / "eval_before.json"
+    if before_path.exists():
+        return json.loads(before_path.read_text())
+    before = evaluate()
+    before_path.write_text(json.dumps(before, indent=1))
+    return before
+
+
+def train_and_report(trainer: Any, out: Path, summary: dict[str, Any], checkpoint: str | None, console: Any,
+                     evaluate_after: Any = None) -> None:
+    """Train (resuming from ``checkpoint``), save ``final/``, and on the main process evaluate, write
+    ``eval_summary.json`` and the curves, and print the summary table."""
+    t0 = time.time()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    summary["train_seconds"] = round(time.time() - t0, 1)
+    summary["steps"] = trainer.state.global_step
+    trainer.save_model(str(out / "final"))
+    if trainer.accelerator.is_main_process:
+        if evaluate_after is not None:
+            summary["after"] = evaluate_after()
+        (out / "eval_summary.json").write_text(json.dumps(summary, indent=1))
+        plot_curves(out, summary)
+        print_summary(console, summary)
 
 
 def recipe_teacher_columns(recipe: Recipe, pm: Any) -> list[str]:

@@ -7,7 +7,6 @@ trainer arguments, and cross-field rules (teacher capabilities, batch divisibili
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import os
 from pathlib import Path
@@ -180,28 +179,20 @@ def _component_problems(pm: Any, kind: str, spec: ComponentSpec, path: str) -> t
         return pydantic_problems(exc, cls.Params, f"{path}.params"), None
 
 
-def trainer_arg_names() -> set[str]:
-    """Every ``OPDConfig`` field name. Importing TRL takes seconds, so the names are cached per version
-    (JSON in the user cache directory); ``validate`` then answers without importing TRL."""
+def cached_field_names(key: str, load: Any) -> set[str]:
+    """The field names of the dataclass ``load()`` returns, cached as JSON under ``key`` in the user cache
+    directory: importing TRL takes seconds, so ``validate`` answers from the cache after the first run."""
+    import dataclasses
     import json
-    from importlib import metadata
 
-    from opd_plugins import __version__
     from opd_plugins.models import cache_dir
 
-    import hashlib
-
-    config_src = Path(__file__).resolve().parent.parent / "trainers" / "opd_config.py"
-    digest = hashlib.sha1(config_src.read_bytes()).hexdigest()[:10] if config_src.exists() else "none"
-    versions = "-".join([__version__, metadata.version("trl"), metadata.version("transformers"), digest])
-    path = cache_dir() / f"trainer_args-{versions}.json"
+    path = cache_dir() / f"{key}.json"
     try:
         return set(json.loads(path.read_text()))
     except (OSError, ValueError):
         pass
-    from opd_plugins.trainers.opd_config import OPDConfig
-
-    names = sorted(f.name for f in dataclasses.fields(OPDConfig))
+    names = sorted(f.name for f in dataclasses.fields(load()))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -210,6 +201,26 @@ def trainer_arg_names() -> set[str]:
     except OSError:
         pass  # a read-only cache only costs time
     return set(names)
+
+
+def trainer_arg_names() -> set[str]:
+    """Every ``OPDConfig`` field name, cached per opd_plugins/TRL/transformers version and ``opd_config.py``
+    content."""
+    import hashlib
+    from importlib import metadata
+
+    from opd_plugins import __version__
+
+    config_src = Path(__file__).resolve().parent.parent / "trainers" / "opd_config.py"
+    digest = hashlib.sha1(config_src.read_bytes()).hexdigest()[:10] if config_src.exists() else "none"
+    versions = "-".join([__version__, metadata.version("trl"), metadata.version("transformers"), digest])
+
+    def load() -> type:
+        from opd_plugins.trainers.opd_config import OPDConfig
+
+        return OPDConfig
+
+    return cached_field_names(f"trainer_args-{versions}", load)
 
 
 def _trainer_arg_problems(args: dict[str, Any]) -> list[Problem]:
@@ -360,9 +371,15 @@ def _semantic_problems(recipe: Any, pm: Any, device_check: bool) -> list[Problem
             except ValidationError as exc:
                 problems += pydantic_problems(exc, DatasetSource, f"data.{key}")
 
-    # The trainer arguments.
+    # The trainer arguments (a preference objective is trained by TRL's DPOTrainer: see opd_plugins.soda).
+    from opd_plugins import soda
+
     args = recipe.trainer.args if recipe.trainer is not None else {}
-    problems += _trainer_arg_problems(args)
+    preference = soda.is_preference_recipe(recipe, pm)
+    if preference:
+        problems += [Problem(path, msg) for path, msg in soda.trainer_arg_problems(args)]
+    else:
+        problems += _trainer_arg_problems(args)
 
     # Cross-field rules.
     uses_div = any(
@@ -376,7 +393,10 @@ def _semantic_problems(recipe: Any, pm: Any, device_check: bool) -> list[Problem
     if adv is not None and adv.needs_token_reward and (recipe.teacher is None or recipe.divergence is None):
         problems.append(Problem("advantage", f"{recipe.advantage.name} turns teacher guidance into advantages: the "
                                 "recipe needs a teacher and a divergence"))
-    if "teacher" in built and "divergence" in built:
+    text_problems = soda.recipe_problems(recipe, pm)  # None unless a text-only teacher or a preference objective
+    if text_problems is not None:
+        problems += [Problem(path, msg) for path, msg in text_problems]
+    elif "teacher" in built and "divergence" in built:
         need = built["divergence"].requires()
         caps = built["teacher"].capabilities
         if need not in caps:
@@ -386,7 +406,8 @@ def _semantic_problems(recipe: Any, pm: Any, device_check: bool) -> list[Problem
                 f"provides only {', '.join(sorted(caps))}; choose a divergence that works from "
                 f"{' or '.join(sorted(caps))} (e.g. estimator: sampled) or a teacher that gives {need!r}",
             ))
-    problems += _batch_problems(args, built)
+    if not preference:
+        problems += _batch_problems(args, built)
     if device_check:
         problems += device_problems(recipe)
     return problems

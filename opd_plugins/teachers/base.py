@@ -10,8 +10,11 @@ import torch
 from opd_plugins.components import Component
 from opd_plugins.errors import TeacherError
 
-Capability = Literal["sampled", "topk", "full"]
+Capability = Literal["sampled", "topk", "full", "text"]
 CAPABILITY_ORDER: dict[str, int] = {"sampled": 0, "topk": 1, "full": 2}
+"""Token-level capabilities, weakest first. ``text`` (a teacher that only returns response text, e.g. SODA's
+black-box teacher) is deliberately not in this order: it gives no token scores at all, so it can serve no
+token-level divergence and only a preference objective (``divergence.preference``) asks for it."""
 
 
 @dataclass

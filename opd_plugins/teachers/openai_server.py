@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import threading
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
@@ -20,14 +16,10 @@ from pydantic import Field, field_validator, model_validator
 from opd_plugins.components import ComponentParams
 from opd_plugins.errors import OPDError, TeacherError
 from opd_plugins.teachers.base import Capability, Teacher, TeacherBatch, TeacherScores
+from opd_plugins.teachers.http import JSONClient
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PROBE_TEXT = "The answer is 42. Check: 6 * 7 = 42, so we are done."
-_RETRY_STATUSES = {408, 429}
-
-
-class _Retryable(Exception):
-    """A transient failure (connection, timeout, HTTP 5xx/408/429, malformed JSON): try again after a backoff."""
 
 
 class OpenAIServerTeacher(Teacher):
@@ -334,92 +326,20 @@ class OpenAIServerTeacher(Teacher):
 
     def _request(self, method: str, path: str, body: Any, what: str, abort: threading.Event | None = None) -> Any:
         p = self.params
-        url = self._url(path)
-        attempts = p.max_retries + 1
-        last = ""
-        for attempt in range(attempts):
-            if attempt:
-                delay = p.backoff_s * 2 ** (attempt - 1)
-                if abort is None:
-                    time.sleep(delay)
-                elif abort.wait(delay):
-                    raise TeacherError(f"teacher openai_server: {what} cancelled (another request failed)")
-            try:
-                return self._request_once(method, url, body, what)
-            except _Retryable as exc:
-                last = str(exc)
-        hint = ("check that the server is running and reachable from this machine at that address (start it with "
-                "'opd-plugins serve-teacher MODEL --port P' or 'vllm serve MODEL --port P --max-logprobs K'), and "
-                "that base_url is right")
-        if "timed out" in last:
-            hint = (f"the server may be overloaded: raise timeout_s (now {p.timeout_s:g} s) or lower "
-                    "sequences_per_request/concurrency")
-        raise TeacherError(f"teacher openai_server: {method} {url} ({what}) failed after {attempts} attempt"
-                           f"{'s' if attempts != 1 else ''}; last error: {self._scrub(last)}. {hint}.")
-
-    def _request_once(self, method: str, url: str, body: Any, what: str) -> Any:
-        headers = {"Accept": "application/json"}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        req = urllib.request.Request(url, data=data, headers=headers, method=method)
-        try:
-            with urllib.request.urlopen(req, timeout=self.params.timeout_s) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as exc:
-            detail = self._scrub(_error_detail(exc))
-            if exc.code >= 500 or exc.code in _RETRY_STATUSES:
-                raise _Retryable(f"HTTP {exc.code}: {detail}") from None
-            env = self.params.api_key_env
-            hint = {401: "the server requires an API key: set api_key_env to the name of the variable holding it"
-                         + (f" (now {env}, whose key was refused)" if env else ""),
-                    403: "the API key was refused",
-                    404: "check base_url and model",
-                    400: "the server rejected the request (for vLLM, check --max-logprobs >= top_k and that the "
-                         "sequences fit --max-model-len)"}.get(exc.code, "the server refused the request")
-            raise TeacherError(f"teacher openai_server: {url} answered HTTP {exc.code} while {what}: {detail}. "
-                               f"{hint}.") from None
-        except (TimeoutError, OSError) as exc:  # URLError is an OSError
-            raise _Retryable(_describe(exc, self.params.timeout_s)) from None
-        except Exception as exc:  # http.client.IncompleteRead/RemoteDisconnected and friends
-            raise _Retryable(f"{type(exc).__name__}: {exc}") from None
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise _Retryable(f"malformed JSON in the response ({len(raw)} bytes: {raw[:80]!r})") from None
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._api_key, "***") if self._api_key else text
+        client = JSONClient(
+            "openai_server", p.timeout_s, p.max_retries, p.backoff_s, api_key=self._api_key,
+            api_key_env=p.api_key_env,
+            status_hints={400: "the server rejected the request (for vLLM, check --max-logprobs >= top_k and that "
+                               "the sequences fit --max-model-len)"},
+            unreachable_hint="check that the server is running and reachable from this machine at that address "
+                             "(start it with 'opd-plugins serve-teacher MODEL --port P' or 'vllm serve MODEL --port P "
+                             "--max-logprobs K'), and that base_url is right",
+            timeout_hint=f"the server may be overloaded: raise timeout_s (now {p.timeout_s:g} s) or lower "
+                         "sequences_per_request/concurrency")
+        return client.request(method, self._url(path), body, what, abort)
 
 
 def _norm(token: str) -> str:
     return token.replace("\u2581", " ").replace("\u0120", " ").strip()
 
 
-def _error_detail(exc: urllib.error.HTTPError) -> str:
-    try:
-        payload = json.loads(exc.read() or b"null")
-    except (ValueError, OSError):
-        return exc.reason if isinstance(exc.reason, str) else str(exc.code)
-    if isinstance(payload, dict):
-        err = payload.get("error", payload)
-        msg = err.get("message") if isinstance(err, dict) else err
-        if msg is None:
-            msg = payload.get("message") or payload.get("detail")
-        if msg is not None:
-            return str(msg)[:500]
-    return str(payload)[:500]
-
-
-def _describe(exc: BaseException, timeout_s: float) -> str:
-    reason = getattr(exc, "reason", exc)
-    if isinstance(reason, TimeoutError) or "timed out" in str(reason):
-        return f"timed out after {timeout_s:g} s"
-    if isinstance(reason, ConnectionRefusedError):
-        return "connection refused (no server listening there)"
-    if isinstance(reason, ConnectionResetError):
-        return "connection reset by the server"
-    return f"{type(reason).__name__}: {reason}"

@@ -15,10 +15,12 @@ from opd_plugins.testing.contracts import (
     AdvantageContract,
     ComponentContract,
     DivergenceContract,
+    PreferenceContract,
     RolloutContract,
     SamplerContract,
     ScheduleContract,
     TeacherContract,
+    TextTeacherContract,
     TokenWeightingContract,
     contract_for,
 )
@@ -26,6 +28,7 @@ from opd_plugins.testing.models import build_tiny_model, build_tokenizer, save_t
 
 __all__ = [
     "AdvantageContract", "ComponentContract", "DivergenceContract", "RolloutContract", "SamplerContract",
-    "ScheduleContract", "TeacherContract", "TokenWeightingContract", "contract_for",
+    "ScheduleContract", "TeacherContract", "TokenWeightingContract", "contract_for", "PreferenceContract",
+    "TextTeacherContract",
     "build_tiny_model", "build_tokenizer", "save_tiny_model",
 ]

@@ -392,6 +392,62 @@ class TokenWeightingContract(ComponentContract):
         assert w.shape == tokens.shape and torch.isfinite(w).all() and (w >= 0).all()
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Text-only teachers and preference objectives (SODA)
+# ---------------------------------------------------------------------------------------------------------------
+# A text-only teacher (capabilities {"text"}) returns responses, never token log-probs, and a preference objective
+# (``preference = True``) compares whole responses, never tokens: the token-level contracts above cannot apply to
+# them by design. They get these contracts instead, which check what they do serve.
+
+
+class TextTeacherContract(ComponentContract):
+    """``generate`` returns one string per prompt (conversational or plain) in order; ``score`` is a clear error.
+
+    Like :class:`TeacherContract`, a ``model`` param is pointed at the tiny test model, or the teacher defines
+    ``contract_params(model_dir) -> Params``.
+    """
+
+    teacher = TeacherContract.teacher
+
+    def test_declares_text(self):
+        assert "text" in self.component.capabilities
+
+    def test_generates_one_string_per_prompt(self, teacher, opd_tokenizer):
+        batch = teacher_batch(opd_tokenizer)
+        prompts = [*batch.prompts, "What is 2 + 2?"]
+        rows = [*batch.rows, {"prompt": "What is 2 + 2?", "answer": "4", "hint": "(Hint: the correct answer is 4.)"}]
+        out = teacher.generate(prompts, rows)
+        assert isinstance(out, list) and len(out) == len(prompts) and all(isinstance(t, str) for t in out)
+
+    def test_score_is_a_clear_error(self, teacher, opd_tokenizer):
+        from opd_plugins.errors import OPDError
+
+        with pytest.raises(OPDError, match="text"):
+            teacher.score(teacher_batch(opd_tokenizer), "sampled")
+
+
+class PreferenceContract(ComponentContract):
+    """``requires() == "text"``, ``per_token`` is a clear error, and ``config_kwargs()`` are TRL DPOConfig args."""
+
+    def test_requires_text(self):
+        assert self.make().requires() == "text"
+
+    def test_per_token_is_a_clear_error(self):
+        from opd_plugins.errors import OPDError
+
+        s_logits, t_logps, tokens = random_pair()
+        _, student, teacher = make_inputs(s_logits, t_logps, tokens, requires_grad=False)
+        with pytest.raises(OPDError, match="preference"):
+            self.make().per_token(student, teacher)
+
+    def test_config_kwargs_build_a_dpo_config(self, tmp_path):
+        from trl import DPOConfig
+
+        kwargs = self.make().config_kwargs()
+        config = DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", **kwargs)
+        assert all(getattr(config, k) == v for k, v in kwargs.items())
+
+
 CONTRACTS: dict[str, type[ComponentContract]] = {
     "teacher": TeacherContract, "divergence": DivergenceContract, "advantage": AdvantageContract,
     "sampler": SamplerContract, "rollout": RolloutContract, "schedule": ScheduleContract,
@@ -400,5 +456,9 @@ CONTRACTS: dict[str, type[ComponentContract]] = {
 
 
 def contract_for(cls: type[Component]) -> type[ComponentContract]:
-    """The contract suite for a component class's kind."""
+    """The contract suite for a component class's kind (text-only teachers and preference objectives get theirs)."""
+    if cls.kind == "teacher" and "text" in cls.capabilities and not set(cls.capabilities) & {"sampled", "topk", "full"}:
+        return TextTeacherContract
+    if cls.kind == "divergence" and getattr(cls, "preference", False):
+        return PreferenceContract
     return CONTRACTS[cls.kind]
