@@ -292,7 +292,8 @@ class ArithmeticTask(Task):
     """Procedurally generated integer arithmetic: "What is 47 + 38?", "What is 7 times 8?",
     "Which number is larger: 31 or 57?".
 
-    The reward is 1.0 iff the last number in the completion equals the answer (see :func:`extract_last_number`).
+    The reward is 1.0 iff the last number in the completion equals the answer (see :func:`extract_last_number`);
+    for ``max`` the completion must also not name the smaller number ("17 is larger than 72" scores 0).
     A problem belongs to the eval split iff a hash of its canonical form (operands sorted for the symmetric ops) is
     divisible by :data:`EVAL_MODULUS`, so the two splits are disjoint for every seed and every size, and "7 times 8"
     never sits in train while "8 times 7" sits in eval.
@@ -386,7 +387,16 @@ class ArithmeticTask(Task):
 
     def score(self, completion: str, answer: str, metadata: str | Mapping[str, Any] | None = None) -> float:
         got, want = _as_decimal(extract_last_number(completion)), _as_decimal(answer)
-        return 1.0 if got is not None and want is not None and got == want else 0.0
+        if got is None or want is None or got != want:
+            return 0.0
+        if self.params.op == "max":
+            # "17 is larger than 72" ends with the right number but answers wrongly: a completion that names the
+            # smaller number anywhere is not an answer to "which is larger".
+            operands = decode_metadata(metadata).get("operands") or []
+            others = {_as_decimal(str(x)) for x in operands} - {want}
+            if others & {_as_decimal(m) for m in _NUMBER_RE.findall(completion)}:
+                return 0.0
+        return 1.0
 
 
 # --------------------------------------------------------------------------------------------------------------------

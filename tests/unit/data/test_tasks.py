@@ -220,6 +220,19 @@ def test_reward_function_scores_a_built_dataset():
     assert reward(ds["prompt"], wrong, answer=ds["answer"], metadata=ds["metadata"]) == [0.0] * 8
 
 
+def test_max_does_not_credit_a_completion_that_names_the_smaller_number():
+    task = get_task("arithmetic", {"op": "max", "digits": 2, "answer_format": "number_only"})
+    meta = json.dumps({"op": "max", "operands": [17, 72]})
+    assert task.score("72", "72", meta) == 1.0
+    assert task.score("The answer is 72.", "72", meta) == 1.0
+    assert task.score("17 is larger than 72.", "72", meta) == 0.0  # ends with 72 but answers 17
+    assert task.score("72 is larger than 17.", "72", meta) == 0.0  # not "just the number": ambiguous, not credited
+    assert task.score("17", "72", meta) == 0.0
+    # the other ops keep the last-number rule: the worked expression may name the operands
+    add = get_task("arithmetic", {"op": "add", "digits": 2})
+    assert add.score("49 + 15 = 64", "64", json.dumps({"op": "add", "operands": [49, 15]})) == 1.0
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # validation and lookup
 # --------------------------------------------------------------------------------------------------------------------
