@@ -15,7 +15,7 @@ of its logits (the whole loss computation after the model body, which is what tr
 * ``fused``: ``fused_full_vocab_divergence(hidden, weight, ..., chunk_size=--chunk)``, which computes the logits
   chunk by chunk too (``fused_lm_head: true``).
 
-Peak = the child's max RSS (``ru_maxrss``); "over inputs" subtracts the RSS measured once the inputs exist, so it
+Peak = the child's max RSS (``VmHWM``); "over inputs" subtracts the RSS measured once the inputs exist, so it
 counts what the divergence itself holds (for the logits variants, including the (B, T, V) gradient of the logits,
 which they must return; the hidden-state variants return gradients of the hidden states and the weight).
 Values and gradients are compared with ``chunked`` (logits variants) or ``fused`` (hidden-state variants) by max
@@ -31,11 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
+
+from _util import peak_rss_mib
 
 
 def _rss_mib() -> float:
@@ -93,7 +94,7 @@ def child(args: argparse.Namespace) -> None:
     value = run(inputs, t_logps)
     (value * weights).sum().backward()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     value.detach().numpy().tofile(os.path.join(args.out, f"{args.variant}.value"))
     for name, x in zip(GRADS[args.variant], inputs):
         x.grad.numpy().tofile(os.path.join(args.out, f"{args.variant}.grad_{name}"))

@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from _util import peak_rss_mib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -87,7 +88,7 @@ def child(a: argparse.Namespace) -> None:
         print(json.dumps({"mode": "precompute", "seconds": time.perf_counter() - t0,
                           "rows": m["data"]["num_rows"], "completion_tokens": m["data"]["num_completion_tokens"],
                           "cache_mib": sum(os.path.getsize(os.path.join(a.cache, f)) for f in os.listdir(a.cache)) / 2**20,
-                          "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                          "max_rss_mib": peak_rss_mib()}))
         return
 
     from peft import LoraConfig
@@ -128,7 +129,7 @@ def child(a: argparse.Namespace) -> None:
         teacher_mib = sum(p.numel() * p.element_size() for p in comps.teacher.model.parameters()) / 2**20
     print(json.dumps({"mode": a.child, "median_step_s": statistics.median(times[1:]), "steps": len(times),
                       "median_step_cpu_s": statistics.median(cpu[1:]),
-                      "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "max_rss_mib": peak_rss_mib(),
                       "rss_after_training_mib": current_rss_mib(), "teacher_weights_mib": teacher_mib,
                       "mean_completion_tokens": statistics.mean(h["completions/mean_length"] for h in logs)}))
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from _util import peak_rss_mib  # benchmarks/ is on sys.path when run as a script
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -65,7 +66,7 @@ def child(kind: str, steps: int, hidden: int, layers: int) -> None:
     with tempfile.TemporaryDirectory() as out:
         tr, times = build(kind, out, steps, hidden, layers)
         tr.train()
-    print(json.dumps({"kind": kind, "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"kind": kind, "max_rss_mib": peak_rss_mib(),
                       "median_step_s": statistics.median(times[1:])}))
 
 
