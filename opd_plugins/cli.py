@@ -63,12 +63,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     recipe, pm = load_recipe(args.recipe, args.overrides, device_check=False)
     for note in device_problems(recipe):
         print(f"note: {note} (train will refuse to start on this machine)", file=sys.stderr)
+    from opd_plugins.soda import is_preference_recipe
+
     slots = []
-    for slot in ("teacher", "divergence", "advantage", "sampler", "rollout"):
+    preference = is_preference_recipe(recipe, pm)
+    # a preference recipe (pairs + DPO) uses no advantage, sampler or rollout component
+    used = ("teacher", "divergence") if preference else ("teacher", "divergence", "advantage", "sampler", "rollout")
+    for slot in used:
         spec = getattr(recipe, slot)
         if spec is not None:
             slots.append(f"{slot}={spec.name}")
     slots += [f"token_weighting={s.name}" for s in recipe.token_weighting]
+    if preference:
+        slots.append("trained as preference pairs with TRL's DPOTrainer")
     print(f"{args.recipe}: valid ({', '.join(slots)}; output_dir={recipe.output_dir})")
     return 0
 

@@ -174,7 +174,9 @@ def test_lora_run_through_the_cli(tmp_path, opd_tiny_model_dir, capsys):
     path = write(tmp_path, soda_recipe(opd_tiny_model_dir, out, **{"model.lora": {"r": 4, "lora_alpha": 8},
                                                                     "evaluation.enabled": False}))
     assert main(["validate", str(path)]) == 0
-    assert "teacher=blackbox_text, divergence=dpo" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "teacher=blackbox_text, divergence=dpo, trained as preference pairs" in said
+    assert "advantage=" not in said and "rollout=" not in said  # components a preference recipe does not use
     assert main(["train", str(path), "trainer.args.max_steps=2"]) == 0
     adapter = load_file(str(out / "final" / "adapter_model.safetensors"))
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
