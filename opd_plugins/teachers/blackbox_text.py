@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import string
 import threading
-import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Literal
 
@@ -13,9 +11,9 @@ from pydantic import Field, model_validator
 
 from opd_plugins.components import ComponentParams
 from opd_plugins.errors import DataError, TeacherError
+from opd_plugins.evaluation import generate_text
 from opd_plugins.teachers.base import Capability, Teacher, TeacherBatch, TeacherScores
-from opd_plugins.teachers.http import JSONClient
-from opd_plugins.teachers.openai_server import _ENV_NAME
+from opd_plugins.teachers.http import JSONClient, check_api_key_env, check_base_url, read_api_key
 
 Prompt = list[dict[str, Any]] | str
 
@@ -97,17 +95,10 @@ class BlackBoxTextTeacher(Teacher):
             if self.source == "openai_chat":
                 if not self.base_url:
                     raise ValueError("source: openai_chat needs base_url (e.g. http://127.0.0.1:8000)")
-                parts = urllib.parse.urlsplit(self.base_url.strip())
-                if parts.scheme not in ("http", "https") or not parts.hostname:
-                    raise ValueError("base_url must look like http://HOST:PORT (or https://...)")
-                if parts.username or parts.password:
-                    raise ValueError("base_url must not contain credentials; put the key in the variable named by "
-                                     "api_key_env")
+                check_base_url(self.base_url)
                 if not self.model:
                     raise ValueError("source: openai_chat needs model (the name the server serves, e.g. Qwen/Qwen3-8B)")
-                if self.api_key_env is not None and not _ENV_NAME.match(self.api_key_env):
-                    raise ValueError("api_key_env must be the NAME of an environment variable that holds the key "
-                                     "(e.g. TEACHER_API_KEY), not the key itself; export the key in that variable")
+                check_api_key_env(self.api_key_env)
             elif self.source == "local_model":
                 if not self.model:
                     raise ValueError("source: local_model needs model (a local path, hub id or "
@@ -157,12 +148,7 @@ class BlackBoxTextTeacher(Teacher):
         :meth:`generate` calls it on first use."""
         p = self.params
         if p.source == "openai_chat" and self._pool is None:
-            if p.api_key_env:
-                key = os.environ.get(p.api_key_env)
-                if not key:
-                    raise TeacherError(f"teacher blackbox_text: api_key_env names the environment variable "
-                                       f"{p.api_key_env}, which is not set (or empty). Export the API key in it.")
-                self._api_key = key
+            self._api_key = read_api_key("blackbox_text", p.api_key_env)
             self._pool = ThreadPoolExecutor(max_workers=p.concurrency, thread_name_prefix="opd-text-teacher")
         elif p.source == "local_model" and self.model is None:
             import torch
@@ -301,42 +287,3 @@ def as_messages(prompt: Prompt, system_prompt: str | None = None) -> list[dict[s
     if system_prompt and not (messages and messages[0].get("role") == "system"):
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
-
-
-def generate_text(model: Any, tokenizer: Any, prompts: list[Prompt], *, max_new_tokens: int, temperature: float,
-                  top_p: float = 1.0, top_k: int = 0, batch_size: int = 16, seed: int | None = None) -> list[str]:
-    """Generate one response per prompt with a transformers causal LM (left-padded batches, no gradient).
-
-    Conversational prompts go through the tokenizer's chat template with the generation prompt, plain strings are
-    continued as they are (as TRL tokenizes them). ``temperature == 0`` is greedy; otherwise each batch is sampled
-    after ``torch.manual_seed(seed + first row)`` when ``seed`` is given. Special tokens are dropped and the text is
-    stripped.
-    """
-    import torch
-
-    padding_side, was_training = tokenizer.padding_side, model.training
-    tokenizer.padding_side = "left"
-    model.eval()
-    device = next(model.parameters()).device
-    out: list[str] = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(prompts), batch_size):
-                chunk = prompts[start:start + batch_size]
-                texts = [q if isinstance(q, str) else
-                         tokenizer.apply_chat_template(q, add_generation_prompt=True, tokenize=False) for q in chunk]
-                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-                kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
-                                          "eos_token_id": tokenizer.eos_token_id}
-                if temperature > 0:
-                    if seed is not None:
-                        torch.manual_seed(seed + start)
-                    kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
-                else:
-                    kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-                ids = model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1]:]
-                out += [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
-    return out

@@ -8,9 +8,12 @@ the HTTP status with the server's own message, and what to change. The API key n
 from __future__ import annotations
 
 import json
+import os
+import re
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +21,36 @@ from typing import Any
 from opd_plugins.errors import TeacherError
 
 RETRY_STATUSES = frozenset({408, 429})
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def check_base_url(url: str) -> None:
+    """Raise ``ValueError`` (a recipe error) unless ``url`` is an http(s) server root without credentials."""
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("base_url must look like http://HOST:PORT (or https://...)")
+    if parts.username or parts.password:
+        raise ValueError("base_url must not contain credentials; put the key in the variable named by api_key_env")
+
+
+def check_api_key_env(name: str | None) -> None:
+    """Raise ``ValueError`` unless ``name`` looks like an environment variable's name (not a pasted key). The
+    message never echoes the value."""
+    if name is not None and not _ENV_NAME.match(name):
+        raise ValueError("api_key_env must be the NAME of an environment variable that holds the key (e.g. "
+                         "TEACHER_API_KEY), not the key itself; export the key in that variable")
+
+
+def read_api_key(component: str, env: str | None) -> str | None:
+    """The API key from the variable ``env`` (None when no variable is named); a named but unset variable is a
+    ``TeacherError`` naming ``component`` and the variable, never the key."""
+    if not env:
+        return None
+    key = os.environ.get(env)
+    if not key:
+        raise TeacherError(f"teacher {component}: api_key_env names the environment variable {env}, which is not "
+                           f"set (or empty). Export the API key in {env} on every training process.")
+    return key
 
 
 class Retryable(Exception):

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
-import re
 import threading
-import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
@@ -16,9 +13,8 @@ from pydantic import Field, field_validator, model_validator
 from opd_plugins.components import ComponentParams
 from opd_plugins.errors import OPDError, TeacherError
 from opd_plugins.teachers.base import Capability, Teacher, TeacherBatch, TeacherScores
-from opd_plugins.teachers.http import JSONClient
+from opd_plugins.teachers.http import JSONClient, check_api_key_env, check_base_url, read_api_key
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PROBE_TEXT = "The answer is 42. Check: 6 * 7 = 42, so we are done."
 
 
@@ -80,9 +76,7 @@ class OpenAIServerTeacher(Teacher):
         @model_validator(mode="after")
         def _check(self) -> "OpenAIServerTeacher.Params":
             # Model-level errors: the loader does not echo the input, so a key pasted by mistake is not printed.
-            if self.api_key_env is not None and not _ENV_NAME.match(self.api_key_env):
-                raise ValueError("api_key_env must be the NAME of an environment variable that holds the key (e.g. "
-                                 "TEACHER_API_KEY), not the key itself; export the key in that variable")
+            check_api_key_env(self.api_key_env)
             if self.spawn_local_server:
                 if not self.model:
                     raise ValueError("spawn_local_server needs model (the checkpoint to serve)")
@@ -91,12 +85,7 @@ class OpenAIServerTeacher(Teacher):
             elif self.base_url is None:
                 raise ValueError("base_url is required (e.g. http://127.0.0.1:8000), unless spawn_local_server: true")
             else:
-                parts = urllib.parse.urlsplit(self.base_url)
-                if parts.scheme not in ("http", "https") or not parts.hostname:
-                    raise ValueError("base_url must look like http://HOST:PORT (or https://...)")
-                if parts.username or parts.password:
-                    raise ValueError("base_url must not contain credentials; put the key in the variable named by "
-                                     "api_key_env")
+                check_base_url(self.base_url)
             return self
 
     def __init__(self, params: Params | None = None) -> None:
@@ -116,13 +105,7 @@ class OpenAIServerTeacher(Teacher):
     # -- setup -------------------------------------------------------------------------------------------------
     def setup(self, trainer: Any) -> None:
         p = self.params
-        if p.api_key_env:
-            key = os.environ.get(p.api_key_env)
-            if not key:
-                raise TeacherError(f"teacher openai_server: api_key_env names the environment variable "
-                                   f"{p.api_key_env}, which is not set (or empty). Export the server's API key in "
-                                   f"{p.api_key_env} on every training process.")
-            self._api_key = key
+        self._api_key = read_api_key("openai_server", p.api_key_env)
         if p.spawn_local_server:
             from opd_plugins.models import resolve_model_path
             from opd_plugins.serve import acquire_local_server

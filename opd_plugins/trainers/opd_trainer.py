@@ -27,11 +27,10 @@ from opd_plugins.correction import combine_stats, importance_weights, weight_adv
 from opd_plugins.divergences.base import StudentOutputs
 from opd_plugins.errors import ModelLoadError, OPDError, TeacherError
 from opd_plugins.teachers.base import CAPABILITY_ORDER, TeacherBatch, TeacherScores
+from opd_plugins.trainers.checkpointing import AtomicCheckpointMixin
 from opd_plugins.trainers.components import Components
 from opd_plugins.trainers.opd_config import OPDConfig
-from opd_plugins.trainers.checkpointing import STAGING_DIR, AtomicCheckpointMixin  # noqa: F401 (re-exported)
 from opd_plugins.trainers.state import load_component_states, save_component_states
-
 
 
 class OPDTrainer(AtomicCheckpointMixin, GRPOTrainer):
