@@ -227,3 +227,44 @@ def test_recipe_rules_for_text_teachers_and_preference_objectives(tmp_path, opd_
     grpo = {**base, "trainer": {"args": {"per_device_train_batch_size": 4, "num_generations": 3}}}
     del grpo["teacher"], grpo["divergence"]
     assert "does not divide the generation batch" in problems(tmp_path, grpo)
+
+
+@pytest.mark.parametrize("beta", [0.1, 2.0])
+def test_dpo_loss_equals_a_naive_reference(tmp_path, opd_tiny_model_dir, beta):
+    """The loss the SODA trainer optimises is −log σ(β·[(log π − log π_ref)(chosen) − (log π − log π_ref)(rejected)])
+    with π_ref the initial weights, recomputed here from plain forward passes on the same token ids."""
+    import torch.nn.functional as F
+
+    from opd_plugins.models import load_causal_lm, load_tokenizer
+    from opd_plugins.soda import _sodatrainer_class, build_dpo_config, pairs_dataset
+
+    recipe, pm = load_recipe(write(tmp_path, soda_recipe(opd_tiny_model_dir, tmp_path / "run",
+                                                         **{"divergence.params": {"beta": beta}})))
+    objective = pm.registry.get("divergence", "dpo")(pm.registry.get("divergence", "dpo").Params(beta=beta))
+    tok = load_tokenizer(str(opd_tiny_model_dir))
+    model = load_causal_lm(str(opd_tiny_model_dir), tokenizer=tok)
+    ref = load_causal_lm(str(opd_tiny_model_dir), tokenizer=tok)
+    pairs = [{"prompt": [{"role": "user", "content": f"What is {i} + {i}?"}], "chosen": f"The answer is {2 * i}.",
+              "rejected": f"maybe {i} or {3 * i} or so"} for i in range(4)]
+    trainer = _sodatrainer_class()(model=model, ref_model=ref, args=build_dpo_config(recipe, objective),
+                                   train_dataset=pairs_dataset(pairs), processing_class=tok)
+    with torch.no_grad():  # move the policy away from the reference so the margins are not all zero
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    model.eval()
+    with torch.no_grad():
+        got = trainer.compute_loss(model, batch)
+
+    def seq_logps(m):
+        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        per_token = torch.log_softmax(logits, -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+        return (per_token * batch["completion_mask"][:, 1:]).sum(1)
+
+    with torch.no_grad():
+        pi, pi_ref = seq_logps(model), seq_logps(ref)
+    n = pi.shape[0] // 2  # the first half of the batch holds the chosen responses, the second the rejected
+    margin = (pi[:n] - pi_ref[:n]) - (pi[n:] - pi_ref[n:])
+    want = -F.logsigmoid(beta * margin).mean()
+    assert margin.abs().min() > 1e-3  # a non-trivial check
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
