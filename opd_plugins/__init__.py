@@ -6,13 +6,7 @@ and ``opd-plugins list`` answer in a moment.
 
 from __future__ import annotations
 
-import pluggy
-
-__version__ = "0.1.0"
-
-PROJECT = "opd"
-hookimpl = pluggy.HookimplMarker(PROJECT)
-"""Marker for hook implementations: ``@opd_plugins.hookimpl``."""
+from opd_plugins.markers import PROJECT, __version__, hookimpl
 
 
 def get_plugin_manager(*args, **kwargs):

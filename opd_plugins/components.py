@@ -10,7 +10,33 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+class Strict(BaseModel):
+    """A pydantic model that forbids unknown keys (every level of a recipe is one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ComponentSpec(Strict):
+    """``{name, params}``: a registered component and its parameters, as a recipe (or a nested slot) names it."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+
+def as_schedule_spec(v: Any) -> Any:
+    """A bare number is shorthand for the ``constant`` schedule: ``0.5`` → ``{name: constant, params: {value: 0.5}}``
+    (a pydantic ``mode="before"`` validator body for schedule slots)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return {"name": "constant", "params": {"value": float(v)}}
+    return v
+
 
 KINDS: tuple[str, ...] = (
     "teacher",

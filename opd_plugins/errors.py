@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
+import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
 
 
 class OPDError(Exception):
@@ -61,3 +67,60 @@ class ModelLoadError(OPDError):
 
 class TeacherError(OPDError):
     """A teacher returned missing, misaligned or non-finite scores."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Message helpers shared by the registry, the recipe loader and components (one wording everywhere)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``" Did you mean 'x'?"`` for the closest choice (also when one part of a compound name is misspelt:
+    ``alpah`` → ``lora_alpha``), or ``""``."""
+    choices = list(choices)
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
+    if not close:
+        parts = {part: name for name in choices for part in name.split("_") if len(part) > 3}
+        close = [parts[m] for m in difflib.get_close_matches(str(word), list(parts), n=1, cutoff=0.75)]
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Allowed keys of the pydantic model reached by following ``loc`` from ``model`` (best effort)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or current is None:
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return []
+        ann = current.model_fields[part].annotation
+        current = None
+        for arg in (ann, *typing.get_args(ann)):
+            for sub in (arg, *typing.get_args(arg)):
+                if isinstance(sub, type) and issubclass(sub, BaseModel):
+                    current = sub
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def pydantic_problems(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> list[Problem]:
+    """One :class:`Problem` per pydantic error, with its dotted YAML path below ``prefix``: unknown keys get a
+    did-you-mean and the allowed keys, wrong values show what was given."""
+    problems = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        path = ".".join([prefix, *map(str, loc)] if prefix else map(str, loc))
+        if err["type"] == "extra_forbidden":
+            allowed = fields_at(model, loc[:-1])
+            msg = f"unknown key {str(loc[-1])!r}.{did_you_mean(str(loc[-1]), allowed)}"
+            if allowed:
+                msg += f" Allowed keys: {', '.join(allowed)}"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = err["msg"]
+            if "input" in err and not isinstance(err["input"], dict):
+                msg += f" [got {err['input']!r}]"
+        problems.append(Problem(path, msg))
+    return problems

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from opd_plugins import PROJECT
+from opd_plugins.markers import PROJECT
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

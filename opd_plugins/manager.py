@@ -23,7 +23,8 @@ from typing import Any
 
 import pluggy
 
-from opd_plugins import PROJECT, __version__, hookspecs
+from opd_plugins import hookspecs
+from opd_plugins.markers import PROJECT, __version__
 from opd_plugins.errors import OPDError, PluginError, PluginLoadError
 from opd_plugins.registry import ComponentRegistry, PluginInfo
 

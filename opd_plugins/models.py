@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from opd_plugins.errors import ModelLoadError
+from opd_plugins.paths import cache_dir
 
 if TYPE_CHECKING:
     import torch
@@ -44,15 +45,6 @@ _DTYPES = ("float32", "bfloat16", "float16", "auto")
 # --------------------------------------------------------------------------------------------------------------------
 # References
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """The opd_plugins cache: ``$OPD_PLUGINS_CACHE``, ``$XDG_CACHE_HOME/opd_plugins`` or ``~/.cache/opd_plugins``."""
-    if os.environ.get("OPD_PLUGINS_CACHE"):
-        return Path(os.environ["OPD_PLUGINS_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "opd_plugins"
-    return Path.home() / ".cache" / "opd_plugins"
 
 
 def smollm2_cache_path() -> Path:

@@ -125,7 +125,7 @@ def write_run_files(run_dir: Path, recipe: Recipe, pm: Any, argv: list[str] | No
     import transformers
     import trl
 
-    from opd_plugins import __version__
+    from opd_plugins.markers import __version__
 
     run_dir.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(redact(recipe.model_dump(mode="json")), sort_keys=False)

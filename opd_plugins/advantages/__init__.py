@@ -1,6 +1,6 @@
 """Built-in advantage estimators."""
 
-from opd_plugins import hookimpl
+from opd_plugins.markers import hookimpl
 from opd_plugins.advantages.ace import ACEAdvantage
 from opd_plugins.advantages.base import AdvantageEstimator, AdvantageInputs, degenerate_groups
 from opd_plugins.advantages.dr_grpo import DrGRPOAdvantage

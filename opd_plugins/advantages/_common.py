@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from opd_plugins.advantages.base import AdvantageEstimator, AdvantageInputs
-from opd_plugins.recipe.schema import ComponentSpec
+from opd_plugins.components import ComponentSpec
 
 # ---------------------------------------------------------------------------------------------------------------
 # Nested estimators: `sparse: {name, params}` / `base: {name, params}`
@@ -46,7 +46,7 @@ def build_nested(spec: ComponentSpec | None, field: str) -> tuple[AdvantageEstim
     try:
         return cls.from_params(spec.params), []
     except ValidationError as exc:
-        from opd_plugins.recipe.loader import pydantic_problems
+        from opd_plugins.errors import pydantic_problems
 
         return None, [(p.path, p.message) for p in pydantic_problems(exc, cls.Params, f"{field}.params")]
     except ValueError as exc:

@@ -10,8 +10,7 @@ from pydantic import Field
 
 from opd_plugins.advantages import _common
 from opd_plugins.advantages.base import AdvantageEstimator, AdvantageInputs, grouped
-from opd_plugins.components import ComponentParams
-from opd_plugins.recipe.schema import ComponentSpec
+from opd_plugins.components import ComponentParams, ComponentSpec
 
 
 class ACEAdvantage(AdvantageEstimator):

@@ -1,6 +1,6 @@
 """Built-in divergence objectives."""
 
-from opd_plugins import hookimpl
+from opd_plugins.markers import hookimpl
 from opd_plugins.divergences.base import Divergence, DivergenceTerms, StudentOutputs
 from opd_plugins.divergences.dpo import DPO
 from opd_plugins.divergences.forward_kl import ForwardKL

@@ -7,15 +7,14 @@ trainer arguments, and cross-field rules (teacher capabilities, batch divisibili
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
-from opd_plugins.errors import OPDError, PluginLoadError, Problem, RecipeError
+from opd_plugins.errors import OPDError, PluginLoadError, Problem, RecipeError, did_you_mean, fields_at, pydantic_problems
 from opd_plugins.recipe.schema import SLOT_KINDS, ComponentSpec, Recipe
 
 SECRET_WORDS = ("api_key", "apikey", "token", "secret", "password", "authorization")
@@ -118,53 +117,8 @@ def _redact_override(key: str, text: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    if not close:  # a typo in one part of a compound name: 'alpah' -> 'lora_alpha'
-        parts = {part: name for name in choices for part in name.split("_") if len(part) > 3}
-        close = [parts[m] for m in difflib.get_close_matches(word, list(parts), n=1, cutoff=0.75)]
-    return f" Did you mean {close[0]!r}?" if close else ""
-
-
-def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Allowed keys of the pydantic model reached by following ``loc`` (best effort)."""
-    import typing
-
-    current: Any = model
-    for part in loc:
-        if isinstance(part, int) or current is None:
-            continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
-            return []
-        ann = current.model_fields[part].annotation
-        current = None
-        for arg in (ann, *typing.get_args(ann)):
-            for sub in (arg, *typing.get_args(arg)):
-                if isinstance(sub, type) and issubclass(sub, BaseModel):
-                    current = sub
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
-
-
-def pydantic_problems(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> list[Problem]:
-    problems = []
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        path = ".".join([prefix, *map(str, loc)] if prefix else map(str, loc))
-        if err["type"] == "extra_forbidden":
-            allowed = _fields_at(model, loc[:-1])
-            msg = f"unknown key {str(loc[-1])!r}.{_did_you_mean(str(loc[-1]), allowed)}"
-            if allowed:
-                msg += f" Allowed keys: {', '.join(allowed)}"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        else:
-            msg = err["msg"]
-            if "input" in err and not isinstance(err["input"], dict):
-                msg += f" [got {err['input']!r}]"
-        problems.append(Problem(path, msg))
-    return problems
+_did_you_mean = did_you_mean  # old private names, kept for plugins that imported them
+_fields_at = fields_at
 
 
 def _component_problems(pm: Any, kind: str, spec: ComponentSpec, path: str) -> tuple[list[Problem], Any]:
@@ -185,7 +139,7 @@ def cached_field_names(key: str, load: Any) -> set[str]:
     import dataclasses
     import json
 
-    from opd_plugins.models import cache_dir
+    from opd_plugins.paths import atomic_write, cache_dir
 
     path = cache_dir() / f"{key}.json"
     try:
@@ -195,9 +149,7 @@ def cached_field_names(key: str, load: Any) -> set[str]:
     names = sorted(f.name for f in dataclasses.fields(load()))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(names))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(names), fsync=False)
     except OSError:
         pass  # a read-only cache only costs time
     return set(names)
@@ -209,7 +161,7 @@ def trainer_arg_names() -> set[str]:
     import hashlib
     from importlib import metadata
 
-    from opd_plugins import __version__
+    from opd_plugins.markers import __version__
 
     config_src = Path(__file__).resolve().parent.parent / "trainers" / "opd_config.py"
     digest = hashlib.sha1(config_src.read_bytes()).hexdigest()[:10] if config_src.exists() else "none"
@@ -228,7 +180,7 @@ def _trainer_arg_problems(args: dict[str, Any]) -> list[Problem]:
     problems = []
     for key in args:
         if key not in fields:
-            problems.append(Problem(f"trainer.args.{key}", f"unknown trainer argument.{_did_you_mean(key, sorted(fields))}"))
+            problems.append(Problem(f"trainer.args.{key}", f"unknown trainer argument.{did_you_mean(key, sorted(fields))}"))
         elif key == "output_dir":
             problems.append(Problem("trainer.args.output_dir", "set the top-level output_dir instead"))
     return problems

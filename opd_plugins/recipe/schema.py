@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
+from opd_plugins.components import ComponentSpec, Strict, as_schedule_spec
 from opd_plugins.correction import CorrectionSpec
 
 SLOT_KINDS: dict[str, str] = {
@@ -18,27 +19,7 @@ SLOT_KINDS: dict[str, str] = {
 """Single-component recipe slots and the component kind each takes (``token_weighting`` is a list)."""
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ComponentSpec(Strict):
-    """``{name, params}``: a registered component and its parameters."""
-
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("params", mode="before")
-    @classmethod
-    def _none_is_empty(cls, v: Any) -> Any:
-        return {} if v is None else v
-
-
-def _coefficient(v: Any) -> Any:
-    """A bare number is shorthand for the ``constant`` schedule."""
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return {"name": "constant", "params": {"value": float(v)}}
-    return v
+_coefficient = as_schedule_spec  # the name older plugins imported
 
 
 class ObjectiveSpec(Strict):
@@ -53,7 +34,7 @@ class ObjectiveSpec(Strict):
     divergence_reward: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="constant", params={"value": 0.0}))
 
     _coerce = field_validator("policy_gradient", "divergence", "divergence_reward", mode="before")(
-        classmethod(lambda cls, v: _coefficient(v))
+        classmethod(lambda cls, v: as_schedule_spec(v))
     )
 
 

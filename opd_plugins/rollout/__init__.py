@@ -1,6 +1,6 @@
 """Built-in rollout backends."""
 
-from opd_plugins import hookimpl
+from opd_plugins.markers import hookimpl
 from opd_plugins.rollout.base import RolloutBackend
 from opd_plugins.rollout.hf_generate import HFGenerate
 from opd_plugins.rollout.perturbed import PerturbedHFGenerate

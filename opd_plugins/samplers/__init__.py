@@ -1,6 +1,6 @@
 """Built-in hint/prefix samplers."""
 
-from opd_plugins import hookimpl
+from opd_plugins.markers import hookimpl
 from opd_plugins.samplers.base import Sampler, SamplerOutput
 from opd_plugins.samplers.none import NoSampler
 

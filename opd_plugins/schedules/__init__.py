@@ -1,6 +1,6 @@
 """Built-in coefficient schedules."""
 
-from opd_plugins import hookimpl
+from opd_plugins.markers import hookimpl
 from opd_plugins.schedules.base import Schedule
 from opd_plugins.schedules.builtin import Constant, Cosine, Linear, WarmupDecay
 

@@ -1,6 +1,6 @@
 """Built-in teacher providers."""
 
-from opd_plugins import hookimpl
+from opd_plugins.markers import hookimpl
 from opd_plugins.teachers.base import Teacher, TeacherBatch, TeacherScores
 from opd_plugins.teachers.blackbox_text import BlackBoxTextTeacher
 from opd_plugins.teachers.hf_model import HFModelTeacher

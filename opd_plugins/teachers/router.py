@@ -7,9 +7,8 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field
 
-from opd_plugins.components import ComponentParams
+from opd_plugins.components import ComponentParams, ComponentSpec
 from opd_plugins.errors import DataError, OPDError
-from opd_plugins.recipe.schema import ComponentSpec
 from opd_plugins.teachers.base import CAPABILITY_ORDER, Capability, Teacher, TeacherBatch, TeacherScores
 
 

@@ -13,9 +13,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
-from opd_plugins.components import ComponentParams
+from opd_plugins.components import ComponentParams, ComponentSpec, as_schedule_spec
 from opd_plugins.errors import DataError, OPDError
-from opd_plugins.recipe.schema import ComponentSpec, _coefficient
 from opd_plugins.teachers.base import (
     Capability,
     Teacher,
@@ -107,7 +106,7 @@ class SelfContextTeacher(Teacher):
                 raise ValueError(f"reveal_column {v!r} is not a field of template {template!r}; add {{{v}}} to the template")
             return v
 
-        _coerce_reveal = field_validator("reveal", mode="before")(classmethod(lambda cls, v: _coefficient(v)))
+        _coerce_reveal = field_validator("reveal", mode="before")(classmethod(lambda cls, v: as_schedule_spec(v)))
 
         @field_validator("reveal")
         @classmethod
@@ -145,7 +144,7 @@ class SelfContextTeacher(Teacher):
         """Problems of the ``reveal`` schedule spec, as (key path below params, message) — used by validation."""
         from pydantic import ValidationError
 
-        from opd_plugins.recipe.loader import pydantic_problems
+        from opd_plugins.errors import pydantic_problems
 
         spec = self.params.reveal
         if spec is None:

@@ -1,6 +1,6 @@
 """Built-in token weightings: per-token weights that multiply the divergence loss (a recipe lists any number)."""
 
-from opd_plugins import hookimpl
+from opd_plugins.markers import hookimpl
 from opd_plugins.token_weighting.base import TokenWeighting
 from opd_plugins.token_weighting.correctness_gate import CorrectnessGate
 from opd_plugins.token_weighting.quality_gate import QualityGate

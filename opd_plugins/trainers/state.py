@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from opd_plugins.paths import atomic_write
+
 STATE_JSON = "opd_components.json"
 STATE_TENSORS = "opd_components.safetensors"
 COMPLETE_MARKER = "opd_checkpoint_complete"
@@ -36,7 +38,7 @@ def save_component_states(directory: str, components: dict[str, Any]) -> None:
                     ) from None
                 entry[name] = value
         plain[key] = entry
-    _atomic_write(os.path.join(directory, STATE_JSON), json.dumps(plain, indent=1).encode())
+    atomic_write(os.path.join(directory, STATE_JSON), json.dumps(plain, indent=1).encode())
     if tensors:
         tmp = os.path.join(directory, STATE_TENSORS + ".tmp")
         save_file(tensors, tmp)
@@ -68,14 +70,5 @@ def load_component_states(directory: str, components: dict[str, Any]) -> list[st
     return restored
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def mark_complete(directory: str) -> None:
-    _atomic_write(os.path.join(directory, COMPLETE_MARKER), b"ok\n")
+    atomic_write(os.path.join(directory, COMPLETE_MARKER), b"ok\n")
