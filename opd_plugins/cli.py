@@ -1,14 +1,20 @@
-"""``opd-plugins`` (also ``python -m opd_plugins``): validate, list, train.
+"""``opd-plugins`` (also ``python -m opd_plugins``): validate, list, train, report, serve-teacher, precompute-teacher.
+
+This module only parses arguments and dispatches: the work is in :mod:`opd_plugins.runs` (train),
+:mod:`opd_plugins.commands` (serve-teacher, precompute-teacher) and :mod:`opd_plugins.report` (report).
 
 User mistakes (an invalid recipe, a missing file, a bad plugin) print a clear message and exit with status 2,
-without a traceback. Anything else is a bug and keeps its traceback.
+without a traceback (``--traceback`` or ``OPD_TRACEBACK=1`` shows it). Anything else is a bug and keeps its
+traceback. Dotted overrides may come before or after the flags (``train R --overwrite k=v``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from typing import Any
 
 from opd_plugins.errors import OPDError
@@ -17,11 +23,16 @@ EXIT_USER_ERROR = 2
 
 
 def _parser() -> argparse.ArgumentParser:
+    from opd_plugins.commands import precompute_teacher, serve_teacher
+    from opd_plugins.report import cli as report_cli
+
     p = argparse.ArgumentParser(
         prog="opd-plugins",
         description="On-policy distillation, self-distillation and RLVR recipes on TRL.",
         epilog="Launch on several processes with: accelerate launch -m opd_plugins train RECIPE",
     )
+    p.add_argument("--traceback", action="store_true",
+                   help="show the full traceback of a user or plugin error (also: OPD_TRACEBACK=1)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     v = sub.add_parser("validate", help="check a recipe without loading any model",
@@ -40,19 +51,19 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in output_dir")
     g.add_argument("--overwrite", action="store_true", help="delete an existing output_dir first")
 
-    from opd_plugins import serve  # stdlib-only at import time
+    r = sub.add_parser("report", help="an HTML report of one or several run directories",
+                       description=report_cli.DESCRIPTION)
+    report_cli.add_arguments(r)
 
     st = sub.add_parser("serve-teacher", help="serve a teacher's log-probs over an OpenAI-compatible API",
                         description="Serve MODEL's prompt log-probs (vLLM's /v1/completions subset) for the "
-                        "openai_server teacher.", epilog=serve.HELP_EPILOG,
+                        "openai_server teacher.", epilog=serve_teacher.HELP_EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    serve.add_arguments(st)
-
-    from opd_plugins import precompute
+    serve_teacher.add_arguments(st)
 
     pc = sub.add_parser("precompute-teacher", help="score rollouts with the recipe's teacher into an offline cache",
-                        description=precompute.__doc__.strip().splitlines()[0] if precompute.__doc__ else None)
-    precompute.add_arguments(pc)
+                        description=(precompute_teacher.__doc__ or "").strip().splitlines()[0] or None)
+    precompute_teacher.add_arguments(pc)
     return p
 
 
@@ -61,22 +72,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from opd_plugins.recipe.loader import device_problems
 
     recipe, pm = load_recipe(args.recipe, args.overrides, device_check=False)
+    for note in recipe.notes:
+        print(f"note: {note}", file=sys.stderr)
     for note in device_problems(recipe):
         print(f"note: {note} (train will refuse to start on this machine)", file=sys.stderr)
-    from opd_plugins.soda import is_preference_recipe
-
-    slots = []
-    preference = is_preference_recipe(recipe, pm)
-    # a preference recipe (pairs + DPO) uses no advantage, sampler or rollout component
-    used = ("teacher", "divergence") if preference else ("teacher", "divergence", "advantage", "sampler", "rollout")
-    for slot in used:
-        spec = getattr(recipe, slot)
-        if spec is not None:
-            slots.append(f"{slot}={spec.name}")
-    slots += [f"token_weighting={s.name}" for s in recipe.token_weighting]
-    if preference:
-        slots.append("trained as preference pairs with TRL's DPOTrainer")
-    print(f"{args.recipe}: valid ({', '.join(slots)}; output_dir={recipe.output_dir})")
+    variant = pm.registry.build("trainer", recipe.trainer.name)
+    print(f"{args.recipe}: valid ({variant.summary(recipe)}; output_dir={recipe.output_dir})")
     return 0
 
 
@@ -115,39 +116,63 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from opd_plugins.recipe import load_recipe
-    from opd_plugins.run import train
-
     import warnings
+
+    from opd_plugins.recipe import load_recipe
+    from opd_plugins.runs import train
 
     # TRL 1.16 still calls transformers' deprecated *gradient_checkpointing* names on every step; the warnings
     # concern TRL's code, not the user's, and drown the progress display.
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*gradient_checkpointing.* is deprecated")
     recipe, pm = load_recipe(args.recipe, args.overrides)
+    for note in recipe.notes:
+        print(f"note: {note}", file=sys.stderr)
     train(recipe, pm, resume=args.resume, overwrite=args.overwrite, argv=sys.argv)
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from opd_plugins.report import cli as report_cli
+
+    return report_cli.run(args)
+
+
 def cmd_serve_teacher(args: argparse.Namespace) -> int:
-    from opd_plugins.serve import run
+    from opd_plugins.commands.serve_teacher import run
 
     return run(args)
 
 
 def cmd_precompute_teacher(args: argparse.Namespace) -> int:
-    from opd_plugins.precompute import run
+    from opd_plugins.commands.precompute_teacher import run
 
     return run(args)
 
 
+HANDLERS = {"validate": cmd_validate, "list": cmd_list, "train": cmd_train, "report": cmd_report,
+            "serve-teacher": cmd_serve_teacher, "precompute-teacher": cmd_precompute_teacher}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; dotted overrides given after a flag (``train R --overwrite k=v``) join the others."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    handler = {"validate": cmd_validate, "list": cmd_list, "train": cmd_train,
-               "serve-teacher": cmd_serve_teacher,
-               "precompute-teacher": cmd_precompute_teacher}[args.command]
+    args = parse_args(argv)
+    show_traceback = args.traceback or os.environ.get("OPD_TRACEBACK", "").strip().lower() in {"1", "true", "yes"}
     try:
-        return handler(args)
+        return HANDLERS[args.command](args)
     except OPDError as exc:
+        if show_traceback:
+            traceback.print_exc()
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
 

@@ -46,8 +46,11 @@ KINDS: tuple[str, ...] = (
     "sampler",
     "rollout",
     "schedule",
+    "task",
+    "trainer",
 )
-"""Every component kind, in the order one training step meets them (schedules weight the loss terms)."""
+"""Every component kind: those one training step meets, in that order (schedules weight the loss terms), then the
+verifiable tasks that give rewards and the trainer variants that run a recipe."""
 
 SNAKE_CASE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 
@@ -69,13 +72,25 @@ class Component:
     kind: ClassVar[str] = ""
     name: ClassVar[str] = ""
     Params: ClassVar[type[ComponentParams]] = ComponentParams
+    nested_slots: ClassVar[dict[str, str]] = {}
+    """Params fields that name other components, and the kind of each: ``{"sparse": "advantage"}``. A field holds
+    a :class:`ComponentSpec`, ``None``, or a dict or list of specs. The registry builds them (with the recipe's
+    plugin manager) before the component and hands them over as ``nested``; the component never resolves them."""
 
-    def __init__(self, params: ComponentParams | None = None) -> None:
+    def __init__(self, params: ComponentParams | None = None, nested: dict[str, Any] | None = None) -> None:
         if params is None:
             params = self.Params()
         elif isinstance(params, dict):
             params = self.Params(**params)
         self.params = params
+        self.nested: dict[str, Any] = dict(nested or {})
+        missing = [f for f in self.nested_slots if f not in self.nested and getattr(params, f, None) is not None]
+        if missing:
+            raise ValueError(
+                f"{self.kind} {self.name!r} names other components in params.{', params.'.join(missing)}, which must "
+                f"be built by the registry: use registry.build({self.kind!r}, spec) (or Components.build / a recipe) "
+                f"instead of {type(self).__name__}(params), or pass nested={{{missing[0]!r}: <built component>}}"
+            )
 
     @classmethod
     def example_params(cls) -> ComponentParams:
@@ -89,14 +104,44 @@ class Component:
             return cls(params)
         return cls(cls.Params(**(params or {})))
 
+    def problems(self) -> list[tuple[str, str]]:
+        """Cross-field problems found once the component is built, nested components included: ``(key path below
+        params, message)`` pairs, reported by validation under the component's YAML path. Default: none."""
+        return []
+
+    def gpu_problems(self) -> list[tuple[str, str]]:
+        """Settings of this component that need a CUDA GPU, as ``(key path below params, reason)``; validation
+        reports them on a machine without one (``validate`` as notes, ``train`` as errors). Default: none."""
+        return []
+
+    def nested_components(self) -> dict[str, "Component"]:
+        """Every nested component under a dotted key (``sparse``, ``teachers.math``): their state is saved with
+        this component's (:meth:`state_dict` prefixes it)."""
+        out: dict[str, Component] = {}
+        for field, value in self.nested.items():
+            if isinstance(value, Component):
+                out[field] = value
+            elif isinstance(value, dict):
+                out.update({f"{field}.{k}": v for k, v in value.items()})
+            elif isinstance(value, (list, tuple)):
+                out.update({f"{field}.{i}": v for i, v in enumerate(value)})
+        return out
+
     def state_dict(self) -> dict[str, Any]:
-        """State that must survive a restart (saved into every checkpoint). Tensors, numbers, strings, lists."""
-        return {}
+        """State that must survive a restart (saved into every checkpoint). Tensors, numbers, strings, lists.
+
+        The default saves the nested components' states under ``<slot>.<key>``; a component with state of its own
+        overrides this and adds ``super().state_dict()``."""
+        return {f"{key}.{k}": v for key, comp in self.nested_components().items() for k, v in comp.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        if state:
-            raise ValueError(f"{type(self).__name__} has no state but was given keys {sorted(state)}")
+        """Restore what :meth:`state_dict` returned (the default restores the nested components')."""
+        nested = self.nested_components()
+        unknown = sorted(k for k in state if not any(k.startswith(f"{key}.") for key in nested))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} was given unknown state keys {unknown}")
+        for key, comp in nested.items():
+            comp.load_state_dict({k[len(key) + 1:]: v for k, v in state.items() if k.startswith(f"{key}.")})
 
     def close(self) -> None:
         """Release what the component holds (threads, connections, spawned servers). Idempotent; called once

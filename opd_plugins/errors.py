@@ -119,7 +119,7 @@ def pydantic_problems(exc: ValidationError, model: type[BaseModel], prefix: str 
         elif err["type"] == "missing":
             msg = "required key is missing"
         else:
-            msg = err["msg"]
+            msg = str(err["msg"]).removeprefix("Value error, ")
             if "input" in err and not isinstance(err["input"], dict):
                 msg += f" [got {err['input']!r}]"
         problems.append(Problem(path, msg))

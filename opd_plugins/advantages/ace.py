@@ -38,6 +38,7 @@ class ACEAdvantage(AdvantageEstimator):
 
     name: ClassVar[str] = "ace"
     needs_logps: ClassVar[bool] = True
+    nested_slots: ClassVar[dict[str, str]] = {"base": "advantage"}
 
     class Params(ComponentParams):
         base: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="grpo"),
@@ -46,19 +47,14 @@ class ACEAdvantage(AdvantageEstimator):
         confidence: Literal["group_shift", "token_prob"] = Field(
             "group_shift", description="softplus of the log-prob shift against the group, or the mean token probability.")
 
-    def __init__(self, params: Params | None = None) -> None:
-        super().__init__(params)
-        self.base, self._nested_problems = _common.build_nested(self.params.base, "base")
+    def __init__(self, params: Params | None = None, nested: dict[str, Any] | None = None) -> None:
+        super().__init__(params, nested)
+        self.base: AdvantageEstimator = self.nested["base"]
         _common.adopt_needs(self, self.base)
 
     def num_generations_problem(self, num_generations: int) -> str | None:
         """The nested estimator's objection to this group size, if any (e.g. ``median`` and even groups)."""
-        check = getattr(self.base, "num_generations_problem", None)
-        return check(num_generations) if check is not None else None
-
-    def nested_problems(self, pm: Any) -> list[tuple[str, str]]:
-        """Problems of the nested ``base`` spec (used by recipe validation)."""
-        return _common.nested_problems(self, "base", pm)
+        return self.base.num_generations_problem(num_generations)
 
     def penalty(self, inputs: AdvantageInputs) -> torch.Tensor:
         """``m_i`` for this rank's rows ``(B,)``."""
@@ -71,15 +67,8 @@ class ACEAdvantage(AdvantageEstimator):
         return F.softplus(ell - reference[inputs.local_slice].to(ell))
 
     def compute(self, inputs: AdvantageInputs) -> torch.Tensor:
-        _common.check_nested(self)
         adv = self.base.compute(inputs).float()
         factor = 1 + self.params.alpha * self.penalty(inputs).to(adv)
         if adv.dim() == 2:
             factor = factor.unsqueeze(1)
         return torch.where(adv < 0, adv * factor, adv)
-
-    def state_dict(self) -> dict[str, Any]:
-        return _common.nested_state("base", self.base)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _common.load_nested_state(self, "base", self.base, state)

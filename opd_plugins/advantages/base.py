@@ -55,6 +55,11 @@ class AdvantageEstimator(Component):
     def compute(self, inputs: AdvantageInputs) -> torch.Tensor:
         raise NotImplementedError
 
+    def num_generations_problem(self, num_generations: int) -> str | None:
+        """Why this estimator cannot work with groups of ``num_generations`` (checked at validation), or None.
+        ``min_generations`` covers the common case; override for other constraints (e.g. odd group sizes)."""
+        return None
+
 
 def grouped(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
     if rewards.numel() % num_generations:

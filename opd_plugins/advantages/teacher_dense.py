@@ -28,9 +28,9 @@ class TeacherDenseAdvantage(AdvantageEstimator):
     only to completions whose reward is below ``correct_threshold`` (``g_i``; KDRL's reward-guided KD; unscored
     completions keep it).
 
-    Composition: ``sparse`` is any registered estimator, ``{name, params}``, resolved from the built-ins and
-    installed plugins when this estimator is built (not from a recipe's ``plugins:`` modules); its needs
-    (``min_generations``, log-probs) become this estimator's.
+    Composition: ``sparse`` is any registered estimator, ``{name, params}`` (built-in, installed, or from the
+    recipe's ``plugins:``), built by the registry with this estimator; its needs (``min_generations``, log-probs)
+    become this estimator's.
 
     KDRL (Xu et al., https://arxiv.org/abs/2506.02208) optimises ``J_GRPO − β·KL(π_θ‖π_T)`` with β annealed
     from about 5e-3 to 1e-3. Its reward form here is ``sparse: {name: grpo}``, ``dense_coef: 5.0e-3``,
@@ -43,6 +43,7 @@ class TeacherDenseAdvantage(AdvantageEstimator):
 
     name: ClassVar[str] = "teacher_dense"
     needs_token_reward: ClassVar[bool] = True
+    nested_slots: ClassVar[dict[str, str]] = {"sparse": "advantage"}
 
     class Params(ComponentParams):
         dense_coef: float = Field(
@@ -58,19 +59,14 @@ class TeacherDenseAdvantage(AdvantageEstimator):
             "all", description="Dense term on every completion, or only on those below correct_threshold (KDRL).")
         correct_threshold: float = Field(0.5, description="A completion is correct when its reward is at least this.")
 
-    def __init__(self, params: Params | None = None) -> None:
-        super().__init__(params)
-        self.sparse, self._nested_problems = _common.build_nested(self.params.sparse, "sparse")
+    def __init__(self, params: Params | None = None, nested: dict[str, Any] | None = None) -> None:
+        super().__init__(params, nested)
+        self.sparse: AdvantageEstimator | None = self.nested.get("sparse")
         _common.adopt_needs(self, self.sparse)
 
     def num_generations_problem(self, num_generations: int) -> str | None:
         """The nested estimator's objection to this group size, if any (e.g. ``median`` and even groups)."""
-        check = getattr(self.sparse, "num_generations_problem", None)
-        return check(num_generations) if check is not None else None
-
-    def nested_problems(self, pm: Any) -> list[tuple[str, str]]:
-        """Problems of the nested ``sparse`` spec (used by recipe validation)."""
-        return _common.nested_problems(self, "sparse", pm)
+        return self.sparse.num_generations_problem(num_generations) if self.sparse is not None else None
 
     def dense_coefficient(self, step: int, max_steps: int) -> float:
         p, start, end = progress(step, max_steps), self.params.dense_coef, self.params.dense_coef_end
@@ -81,7 +77,6 @@ class TeacherDenseAdvantage(AdvantageEstimator):
         return start
 
     def compute(self, inputs: AdvantageInputs) -> torch.Tensor:
-        _common.check_nested(self)
         token_reward = _common.require(inputs.token_reward, "token_reward", self).float()
         mask = torch.ones_like(token_reward) if inputs.mask is None else inputs.mask.to(token_reward)
         rewards = inputs.rewards.float()
@@ -94,9 +89,3 @@ class TeacherDenseAdvantage(AdvantageEstimator):
             sparse = self.sparse.compute(inputs).to(adv)
             adv = adv + self.params.sparse_coef * (sparse.unsqueeze(1) * mask if sparse.dim() == 1 else sparse)
         return adv
-
-    def state_dict(self) -> dict[str, Any]:
-        return _common.nested_state("sparse", self.sparse)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _common.load_nested_state(self, "sparse", self.sparse, state)

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import difflib
 import os
-import string
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from opd_plugins.data.tasks import DEFAULT_HINT_TEMPLATE
 from opd_plugins.errors import DataError
+from opd_plugins.recipe.schema import DEFAULT_HINT_TEMPLATE, DatasetSource
 
 if TYPE_CHECKING:
     import datasets
@@ -30,45 +27,6 @@ _SYNONYMS = {
     "answer": ("solution", "final_answer", "target", "output", "label", "response", "ground_truth", "gold"),
     "hint": ("privileged_context", "context", "rationale", "explanation"),
 }
-
-
-class DatasetSource(BaseModel):
-    """Where a dataset comes from and how its columns map onto the framework's.
-
-    ``path`` is a hub id (``openai/gsm8k``), a local ``.json``/``.jsonl``/``.parquet``/``.csv`` file, or a local
-    directory (data files, or a ``Dataset.save_to_disk`` directory).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    path: str = Field(description="Hub dataset id, or a local file or directory.")
-    name: str | None = Field(None, description="Hub dataset configuration name (e.g. 'main' for gsm8k).")
-    split: str = Field("train", description="Split to load.")
-    data_files: str | list[str] | None = Field(None, description="Files to load from the hub repo or directory.")
-    columns: dict[str, str] = Field(
-        default_factory=dict, description="framework column -> dataset column, e.g. {prompt: question}."
-    )
-    system_prompt: str | None = Field(None, description="System message prepended to every prompt.")
-    hint_template: str = Field(
-        DEFAULT_HINT_TEMPLATE, description="Builds `hint` when the dataset has none; fields are the row's columns."
-    )
-    limit: int | None = Field(None, ge=1, description="Keep only the first N rows.")
-
-    @field_validator("hint_template")
-    @classmethod
-    def _check_template(cls, value: str) -> str:
-        try:
-            fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
-        except ValueError as e:
-            raise ValueError(f"not a valid format string: {e}") from None
-        if any(not f or f.isdigit() for f in fields):
-            raise ValueError("use named fields such as {answer}, not positional {} fields")
-        return value
-
-    def describe(self) -> str:
-        """How the source is named in error messages."""
-        extra = "".join(f" {k}={v}" for k, v in (("name", self.name), ("split", self.split)) if v)
-        return f"dataset {self.path!r}{extra}"
 
 
 def check_columns(ds: Any, required: Sequence[str], source_desc: str) -> None:

@@ -2,7 +2,6 @@
 
 from opd_plugins.markers import hookimpl
 from opd_plugins.divergences.base import Divergence, DivergenceTerms, StudentOutputs
-from opd_plugins.divergences.dpo import DPO
 from opd_plugins.divergences.forward_kl import ForwardKL
 from opd_plugins.divergences.g_opd import GOPD
 from opd_plugins.divergences.jsd import JSD
@@ -17,10 +16,10 @@ from opd_plugins.divergences.tv import TV
 
 @hookimpl
 def opd_register_components():
-    return [ReverseKL, ForwardKL, JSD, TV, SkewKL, K1, K2, K3, TopKKL, GOPD, DPO]
+    return [ReverseKL, ForwardKL, JSD, TV, SkewKL, K1, K2, K3, TopKKL, GOPD]
 
 
 __all__ = [
     "Divergence", "DivergenceTerms", "StudentOutputs",
-    "ReverseKL", "ForwardKL", "JSD", "TV", "SkewKL", "K1", "K2", "K3", "TopKKL", "GOPD", "DPO",
+    "ReverseKL", "ForwardKL", "JSD", "TV", "SkewKL", "K1", "K2", "K3", "TopKKL", "GOPD",
 ]

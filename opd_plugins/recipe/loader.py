@@ -15,7 +15,9 @@ import yaml
 from pydantic import ValidationError
 
 from opd_plugins.errors import OPDError, PluginLoadError, Problem, RecipeError, did_you_mean, fields_at, pydantic_problems
-from opd_plugins.recipe.schema import SLOT_KINDS, ComponentSpec, Recipe
+from opd_plugins.recipe.preference import legacy_rewrite
+from opd_plugins.recipe.rules import GENERIC_RULES, RecipeContext, device_problems, device_rule
+from opd_plugins.recipe.schema import Recipe
 
 SECRET_WORDS = ("api_key", "apikey", "token", "secret", "password", "authorization")
 
@@ -121,80 +123,17 @@ _did_you_mean = did_you_mean  # old private names, kept for plugins that importe
 _fields_at = fields_at
 
 
-def _component_problems(pm: Any, kind: str, spec: ComponentSpec, path: str) -> tuple[list[Problem], Any]:
-    """Check a ``{name, params}`` slot against the registry; returns problems and the built params."""
-    registry = pm.registry
-    if spec.name not in registry.names(kind):
-        return [Problem(f"{path}.name", registry.not_found_message(kind, spec.name))], None
-    cls = registry.get(kind, spec.name)
-    try:
-        return [], cls.Params(**spec.params)
-    except ValidationError as exc:
-        return pydantic_problems(exc, cls.Params, f"{path}.params"), None
-
-
-def cached_field_names(key: str, load: Any) -> set[str]:
-    """The field names of the dataclass ``load()`` returns, cached as JSON under ``key`` in the user cache
-    directory: importing TRL takes seconds, so ``validate`` answers from the cache after the first run."""
-    import dataclasses
-    import json
-
-    from opd_plugins.paths import atomic_write, cache_dir
-
-    path = cache_dir() / f"{key}.json"
-    try:
-        return set(json.loads(path.read_text()))
-    except (OSError, ValueError):
-        pass
-    names = sorted(f.name for f in dataclasses.fields(load()))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, json.dumps(names), fsync=False)
-    except OSError:
-        pass  # a read-only cache only costs time
-    return set(names)
-
-
-def trainer_arg_names() -> set[str]:
-    """Every ``OPDConfig`` field name, cached per opd_plugins/TRL/transformers version and ``opd_config.py``
-    content."""
-    import hashlib
-    from importlib import metadata
-
-    from opd_plugins.markers import __version__
-
-    config_src = Path(__file__).resolve().parent.parent / "trainers" / "opd_config.py"
-    digest = hashlib.sha1(config_src.read_bytes()).hexdigest()[:10] if config_src.exists() else "none"
-    versions = "-".join([__version__, metadata.version("trl"), metadata.version("transformers"), digest])
-
-    def load() -> type:
-        from opd_plugins.trainers.opd_config import OPDConfig
-
-        return OPDConfig
-
-    return cached_field_names(f"trainer_args-{versions}", load)
-
-
-def _trainer_arg_problems(args: dict[str, Any]) -> list[Problem]:
-    fields = trainer_arg_names()
-    problems = []
-    for key in args:
-        if key not in fields:
-            problems.append(Problem(f"trainer.args.{key}", f"unknown trainer argument.{did_you_mean(key, sorted(fields))}"))
-        elif key == "output_dir":
-            problems.append(Problem("trainer.args.output_dir", "set the top-level output_dir instead"))
-    return problems
-
-
 def validate_recipe(raw: dict[str, Any], source: str = "<recipe>", pm: Any = None,
                     origins: dict[str, str] | None = None, device_check: bool = True) -> tuple[Recipe, Any]:
     """Validate a recipe mapping; returns ``(Recipe, plugin manager)`` or raises :class:`RecipeError`.
 
-    ``device_check`` also rejects GPU-only options when this machine has no GPU (``train`` does this;
+    The recipe's components are built here, once, through the registry (``recipe.components``), and the run uses
+    them. ``device_check`` also rejects GPU-only options when this machine has no GPU (``train`` does this;
     ``validate`` reports them as notes instead, so GPU recipes can be checked anywhere).
     """
-    from opd_plugins.manager import get_plugin_manager
+    from opd_plugins.manager import disabled_plugins, get_plugin_manager
 
+    raw, notes = legacy_rewrite(raw)
     problems: list[Problem] = []
     try:
         recipe = Recipe.model_validate(raw)
@@ -208,15 +147,15 @@ def validate_recipe(raw: dict[str, Any], source: str = "<recipe>", pm: Any = Non
             pm = get_plugin_manager()
         except PluginLoadError as exc:
             raise RecipeError([Problem("", str(exc))], source) from None
-    from opd_plugins.manager import disabled_plugins
-
+    recipe_plugins = []
     plugin_list = raw.get("plugins") or []
     if isinstance(plugin_list, list):
         for i, module in enumerate(plugin_list):
             if not isinstance(module, str) or module in disabled_plugins():
                 continue
             try:
-                pm.load_module(module)
+                info = pm.load_module(module)
+                recipe_plugins.append((i, pm.get_plugin(info.name)))
             except PluginLoadError as exc:
                 problems.append(Problem(f"plugins[{i}]", str(exc)))
     try:
@@ -225,8 +164,14 @@ def validate_recipe(raw: dict[str, Any], source: str = "<recipe>", pm: Any = Non
         problems.append(Problem("plugins", str(exc)))
         registry = None
 
+    ctx = None
     if registry is not None:
-        problems.extend(_semantic_problems(_sections(raw, recipe), pm, device_check))
+        ctx = RecipeContext(_sections(raw, recipe), registry, recipe_plugins=recipe_plugins, device_check=device_check)
+        for rule in GENERIC_RULES:
+            problems += rule(ctx)
+        if ctx.variant is not None:
+            problems += ctx.variant.recipe_problems(ctx)
+        problems += device_rule(ctx)
 
     if problems:
         if origins:
@@ -238,6 +183,8 @@ def validate_recipe(raw: dict[str, Any], source: str = "<recipe>", pm: Any = Non
             ]
         raise RecipeError(problems, source)
     recipe._source = source
+    recipe._components = ctx.built if ctx is not None else None
+    recipe._notes = notes
     return recipe, pm
 
 
@@ -269,156 +216,6 @@ def _sections(raw: dict[str, Any], recipe: Recipe | None) -> _Sections:
     return _Sections(values, invalid)
 
 
-def _semantic_problems(recipe: Any, pm: Any, device_check: bool) -> list[Problem]:
-    from opd_plugins.data.tasks import validate_task_params
-    from opd_plugins.models import check_model_reference
-
-    problems: list[Problem] = []
-    built: dict[str, Any] = {}
-    for slot, kind in SLOT_KINDS.items():
-        spec = getattr(recipe, slot)
-        if spec is None:
-            continue
-        p, params = _component_problems(pm, kind, spec, slot)
-        problems += p
-        if params is not None:
-            try:
-                built[slot] = pm.registry.get(kind, spec.name)(params)
-            except ValueError as exc:
-                problems.append(Problem(f"{slot}.params", str(exc)))
-                continue
-            nested = getattr(built[slot], "nested_problems", None)
-            if nested is not None:
-                problems += [Problem(f"{slot}.params.{path}", msg) for path, msg in nested(pm)]
-    has_task = recipe.data is not None and recipe.data.task is not None
-    for i, spec in enumerate(recipe.token_weighting or []):
-        p, params = _component_problems(pm, "token_weighting", spec, f"token_weighting[{i}]")
-        problems += p
-        if params is not None and not has_task and pm.registry.get("token_weighting", spec.name)(params).requires_rewards():
-            problems.append(Problem(f"token_weighting[{i}]", f"{spec.name} gates on task rewards, but the recipe has "
-                                    "no reward: add data.task (a verifiable task that scores completions)"))
-    weights: dict[str, Any] = {}
-    for term in ("policy_gradient", "divergence", "divergence_reward"):
-        if recipe.objective is None:
-            break
-        spec = getattr(recipe.objective, term)
-        p, params = _component_problems(pm, "schedule", spec, f"objective.{term}")
-        problems += p
-        if params is not None:
-            weights[term] = pm.registry.get("schedule", spec.name)(params)
-
-    # The model and the data.
-    msg = check_model_reference(recipe.model.name_or_path) if recipe.model is not None else None
-    if msg:
-        problems.append(Problem("model.name_or_path", msg))
-    if recipe.data is not None and recipe.data.task is not None:
-        problems += [Problem("data.task", m) for m in validate_task_params(recipe.data.task.name, recipe.data.task.params)]
-    for key in ("dataset", "eval_dataset"):
-        src = getattr(recipe.data, key) if recipe.data is not None else None
-        if src is not None:
-            from opd_plugins.data.loading import DatasetSource
-
-            try:
-                DatasetSource.model_validate(src)
-            except ValidationError as exc:
-                problems += pydantic_problems(exc, DatasetSource, f"data.{key}")
-
-    # The trainer arguments (a preference objective is trained by TRL's DPOTrainer: see opd_plugins.soda).
-    from opd_plugins import soda
-
-    args = recipe.trainer.args if recipe.trainer is not None else {}
-    preference = soda.is_preference_recipe(recipe, pm)
-    if preference:
-        problems += [Problem(path, msg) for path, msg in soda.trainer_arg_problems(args)]
-    else:
-        problems += _trainer_arg_problems(args)
-
-    # Cross-field rules.
-    uses_div = any(
-        term in weights and _ever_nonzero(weights[term]) for term in ("divergence", "divergence_reward")
-    )
-    if uses_div and recipe.teacher is None and "teacher" not in recipe.invalid:
-        problems.append(Problem("teacher", "required key is missing: objective.divergence or objective.divergence_reward is non-zero, so the recipe needs a teacher"))
-    if uses_div and recipe.divergence is None and "divergence" not in recipe.invalid:
-        problems.append(Problem("divergence", "required key is missing: objective.divergence or objective.divergence_reward is non-zero, so the recipe needs a divergence"))
-    adv = built.get("advantage")
-    if adv is not None and adv.needs_token_reward and (recipe.teacher is None or recipe.divergence is None):
-        problems.append(Problem("advantage", f"{recipe.advantage.name} turns teacher guidance into advantages: the "
-                                "recipe needs a teacher and a divergence"))
-    text_problems = soda.recipe_problems(recipe, pm)  # None unless a text-only teacher or a preference objective
-    if text_problems is not None:
-        problems += [Problem(path, msg) for path, msg in text_problems]
-    elif "teacher" in built and "divergence" in built:
-        need = built["divergence"].requires()
-        caps = built["teacher"].capabilities
-        if need not in caps:
-            problems.append(Problem(
-                "divergence",
-                f"{recipe.divergence.name} needs {need!r} teacher scores, but teacher {recipe.teacher.name!r} "
-                f"provides only {', '.join(sorted(caps))}; choose a divergence that works from "
-                f"{' or '.join(sorted(caps))} (e.g. estimator: sampled) or a teacher that gives {need!r}",
-            ))
-    if not preference:
-        problems += _batch_problems(args, built)
-    if device_check:
-        problems += device_problems(recipe)
-    return problems
-
-
-def _ever_nonzero(schedule: Any) -> bool:
-    return any(abs(schedule.value(s, 100)) > 0 for s in range(0, 101, 5))
-
-
-def _batch_problems(args: dict[str, Any], built: dict[str, Any]) -> list[Problem]:
-    num_gen = args.get("num_generations", 8)
-    per_device = args.get("per_device_train_batch_size", 8)
-    ga = args.get("gradient_accumulation_steps", 1)
-    spg = args.get("steps_per_generation") or ga
-    gen_batch = args.get("generation_batch_size") or per_device * spg
-    problems = []
-    if isinstance(num_gen, int) and isinstance(gen_batch, int) and num_gen > 0 and gen_batch % num_gen:
-        problems.append(Problem(
-            "trainer.args.num_generations",
-            f"num_generations={num_gen} does not divide the generation batch of {gen_batch} completions "
-            f"(per_device_train_batch_size={per_device} × steps_per_generation={spg}); set num_generations to a "
-            f"divisor of {gen_batch} or change the batch size",
-        ))
-    adv = built.get("advantage")
-    if adv is not None and isinstance(num_gen, int) and num_gen < adv.min_generations:
-        problems.append(Problem(
-            "trainer.args.num_generations",
-            f"advantage {adv.name!r} needs groups of at least {adv.min_generations} completions per prompt, "
-            f"got num_generations={num_gen}",
-        ))
-    check = getattr(adv, "num_generations_problem", None)
-    message = check(num_gen) if check is not None and isinstance(num_gen, int) else None
-    if message:
-        problems.append(Problem("trainer.args.num_generations", message))
-    return problems
-
-
-def device_problems(recipe: Recipe) -> list[Problem]:
-    """GPU-only options in a recipe, when this machine has no GPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        return []
-    args = recipe.trainer.args if recipe.trainer is not None else {}
-    problems = []
-    for key in ("bf16", "fp16", "tf32", "use_vllm"):
-        if args.get(key):
-            problems.append(Problem(f"trainer.args.{key}", f"{key}: true needs a GPU and none is available here; set it to false on CPU"))
-    for slot in ("teacher",):
-        spec = getattr(recipe, slot, None)
-        if spec is not None and str(spec.params.get("device", "")).startswith("cuda"):
-            problems.append(Problem(f"{slot}.params.device", f"device {spec.params['device']!r} needs a GPU and none is available here"))
-        if spec is not None and spec.params.get("quantization"):
-            problems.append(Problem(f"{slot}.params.quantization", f"quantization {spec.params['quantization']!r} "
-                                    "loads the weights through bitsandbytes, which needs a CUDA GPU; none is "
-                                    "available here (remove it on CPU)"))
-    return problems
-
-
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, pm: Any = None,
                 device_check: bool = True) -> tuple[Recipe, Any]:
     """Read, override and validate a recipe file. Raises :class:`RecipeError` listing every problem."""
@@ -442,4 +239,4 @@ def redact(obj: Any) -> Any:
     return obj
 
 
-__all__ = ["read_yaml", "apply_overrides", "validate_recipe", "load_recipe", "redact", "OPDError"]
+__all__ = ["read_yaml", "apply_overrides", "validate_recipe", "load_recipe", "redact", "device_problems", "OPDError"]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import string
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from opd_plugins.components import ComponentSpec, Strict, as_schedule_spec
 from opd_plugins.correction import CorrectionSpec
@@ -20,6 +21,50 @@ SLOT_KINDS: dict[str, str] = {
 
 
 _coefficient = as_schedule_spec  # the name older plugins imported
+
+DEFAULT_HINT_TEMPLATE = "(Hint: the correct answer is {answer}.)"
+"""How a ``hint`` column is built from ``answer`` when a dataset or task has none."""
+
+
+class DatasetSource(BaseModel):
+    """Where a dataset comes from and how its columns map onto the framework's.
+
+    ``path`` is a hub id (``openai/gsm8k``), a local ``.json``/``.jsonl``/``.parquet``/``.csv`` file, or a local
+    directory (data files, or a ``Dataset.save_to_disk`` directory).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = Field(description="Hub dataset id, or a local file or directory.")
+    name: str | None = Field(None, description="Hub dataset configuration name (e.g. 'main' for gsm8k).")
+    split: str = Field("train", description="Split to load.")
+    data_files: str | list[str] | None = Field(None, description="Files to load from the hub repo or directory.")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="framework column -> dataset column, e.g. {prompt: question}."
+    )
+    system_prompt: str | None = Field(None, description="System message prepended to every prompt.")
+    hint_template: str = Field(
+        DEFAULT_HINT_TEMPLATE, description="Builds `hint` when the dataset has none; fields are the row's columns."
+    )
+    limit: int | None = Field(None, ge=1, description="Keep only the first N rows.")
+
+    @field_validator("hint_template")
+    @classmethod
+    def _check_template(cls, value: str) -> str:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+        except ValueError as e:
+            raise ValueError(f"not a valid format string: {e}") from None
+        if any(not f or f.isdigit() for f in fields):
+            raise ValueError("use named fields such as {answer}, not positional {} fields")
+        return value
+
+    def describe(self) -> str:
+        """How the source is named in error messages."""
+        extra = "".join(f" {k}={v}" for k, v in (("name", self.name), ("split", self.split)) if v)
+        return f"dataset {self.path!r}{extra}"
+
+
 
 
 class ObjectiveSpec(Strict):
@@ -52,9 +97,7 @@ class ModelSpec(Strict):
     lora: LoraSpec | None = Field(None, description="LoRA settings; null for a full fine-tune.")
 
 
-class TaskSpec(Strict):
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
+TaskSpec = ComponentSpec  # a task is a component (kind ``task``)
 
 
 class DataSpec(Strict):
@@ -85,8 +128,9 @@ class EvaluationSpec(Strict):
 
 
 class TrainerSpec(Strict):
-    name: Literal["opd"] = "opd"
-    args: dict[str, Any] = Field(default_factory=dict, description="Passed to OPDConfig (a TRL GRPOConfig).")
+    name: str = Field("opd", description="A registered trainer variant: opd (on-policy), soda (preference pairs).")
+    args: dict[str, Any] = Field(default_factory=dict, description="Passed to the variant's config: OPDConfig (a TRL "
+                                 "GRPOConfig) for opd, TRL's DPOConfig for soda.")
 
 
 class Recipe(Strict):
@@ -111,8 +155,26 @@ class Recipe(Strict):
     output_dir: str
     seed: int = 0
     _source: str = PrivateAttr("<recipe>")
+    _components: dict[str, Any] | None = PrivateAttr(None)
+    _notes: list[str] = PrivateAttr(default_factory=list)
 
     @property
     def source(self) -> str:
         """Where the recipe was read from (a file path, or ``<recipe>``)."""
         return self._source
+
+    @property
+    def notes(self) -> list[str]:
+        """What validation told the user without refusing the recipe (e.g. an older form that was rewritten)."""
+        return list(self._notes)
+
+    @property
+    def components(self) -> dict[str, Any] | None:
+        """The components validation built (slot -> component), until a run takes them (:meth:`take_components`)."""
+        return self._components
+
+    def take_components(self) -> dict[str, Any] | None:
+        """The components validation built, handed over once: the run that takes them owns their state; a second
+        run of the same recipe object builds its own."""
+        built, self._components = self._components, None
+        return built

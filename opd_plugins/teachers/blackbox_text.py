@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from opd_plugins.components import ComponentParams
 from opd_plugins.errors import DataError, TeacherError
-from opd_plugins.evaluation import generate_text
+from opd_plugins.generation import generate_text
 from opd_plugins.teachers.base import Capability, Teacher, TeacherBatch, TeacherScores
 from opd_plugins.teachers.http import JSONClient, check_api_key_env, check_base_url, read_api_key
 
@@ -128,11 +128,6 @@ class BlackBoxTextTeacher(Teacher):
     @classmethod
     def example_params(cls) -> Params:
         return cls.Params(source="column", template="The answer is {answer}.")
-
-    @classmethod
-    def contract_params(cls, model_dir: str) -> Params:
-        """The contract suite generates with the tiny local model."""
-        return cls.Params(source="local_model", model=model_dir, max_tokens=4)
 
     def required_columns(self) -> tuple[str, ...]:
         p = self.params

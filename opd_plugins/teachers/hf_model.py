@@ -47,6 +47,16 @@ class HFModelTeacher(Teacher):
     def example_params(cls) -> Params:
         return cls.Params(model="tiny-teacher")  # the contract suite points this at a tiny local model
 
+    def gpu_problems(self) -> list[tuple[str, str]]:
+        """Settings that need a CUDA GPU, as ``(param, reason)`` (validation checks them on machines without one)."""
+        p, out = self.params, []
+        if str(p.device or "").startswith("cuda"):
+            out.append(("device", f"device {p.device!r} needs a GPU and none is available here"))
+        if p.quantization:
+            out.append(("quantization", f"quantization {p.quantization!r} loads the weights through bitsandbytes, "
+                        "which needs a CUDA GPU; none is available here (remove it on CPU)"))
+        return out
+
     def setup(self, trainer: Any) -> None:
         from opd_plugins.models import check_vocab_compatible, load_causal_lm, load_tokenizer, resolve_model_path
 

@@ -108,7 +108,7 @@ class OpenAIServerTeacher(Teacher):
         self._api_key = read_api_key("openai_server", p.api_key_env)
         if p.spawn_local_server:
             from opd_plugins.models import resolve_model_path
-            from opd_plugins.serve import acquire_local_server
+            from opd_plugins.teachers._local_server import acquire_local_server
 
             try:
                 self.base_url, self._spawn_key = acquire_local_server(
@@ -131,7 +131,7 @@ class OpenAIServerTeacher(Teacher):
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
         if self._spawn_key is not None:
-            from opd_plugins.serve import release_local_server
+            from opd_plugins.teachers._local_server import release_local_server
 
             release_local_server(self._spawn_key)
             self._spawn_key = None

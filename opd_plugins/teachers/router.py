@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from opd_plugins.components import ComponentParams, ComponentSpec
 from opd_plugins.errors import DataError, OPDError
@@ -29,45 +29,32 @@ class RouterTeacher(Teacher):
         teachers: dict[str, ComponentSpec] = Field(..., min_length=1, description="Column value -> teacher {name, params}.")
         default: str | None = Field(None, description="Key of `teachers` used for rows with an unlisted value.")
 
-    def __init__(self, params: Params | None = None) -> None:
-        super().__init__(params)
-        if self.params.default is not None and self.params.default not in self.params.teachers:
-            raise ValueError(f"default {self.params.default!r} is not a key of teachers ({sorted(self.params.teachers)})")
-        self.routes: dict[str, Teacher] = {}
+        @model_validator(mode="after")
+        def _default_is_a_route(self) -> "RouterTeacher.Params":
+            if self.default is not None and self.default not in self.teachers:
+                raise ValueError(f"default {self.default!r} is not a key of teachers ({sorted(self.teachers)})")
+            return self
+
+    nested_slots: ClassVar[dict[str, str]] = {"teachers": "teacher"}
+
+    def __init__(self, params: Params | None = None, nested: dict[str, Any] | None = None) -> None:
+        super().__init__(params, nested)
+        self.routes: dict[str, Teacher] = dict(self.nested.get("teachers") or {})
+        # A divergence may ask only for what every routed teacher provides (checked at validation).
+        self.capabilities = frozenset.intersection(*(frozenset(t.capabilities) for t in self.routes.values()))
 
     @classmethod
     def example_params(cls) -> Params:
-        return cls.Params(column="data_source", teachers={
-            "a": ComponentSpec(name="hf_model", params={"model": "tiny-teacher"}),
-            "b": ComponentSpec(name="self_context", params={"template": "{prompt}"}),
-        }, default="a")
-
-    @classmethod
-    def contract_params(cls, model_dir: str) -> Params:
+        """Rows routed by their ``answer`` (the contract suite's batch has answers 3, 5, 7): one to a local model,
+        one to the student with privileged context, the rest to the default."""
         return cls.Params(column="answer", teachers={
-            "3": ComponentSpec(name="hf_model", params={"model": model_dir}),
+            "3": ComponentSpec(name="hf_model", params={"model": "tiny-teacher"}),
             "5": ComponentSpec(name="self_context", params={"template": "{prompt}"}),
         }, default="3")
 
-    def nested_problems(self, pm: Any) -> list[tuple[str, str]]:
-        """Problems of the routed teachers' specs, as (key path below params, message) — used by validation."""
-        from pydantic import ValidationError
-
-        problems = []
-        registry = pm.registry
-        for key, spec in self.params.teachers.items():
-            if spec.name == self.name:
-                problems.append((f"teachers.{key}.name", "a router cannot route to another router"))
-            elif spec.name not in registry.names("teacher"):
-                problems.append((f"teachers.{key}.name", registry.not_found_message("teacher", spec.name)))
-            else:
-                try:
-                    registry.get("teacher", spec.name).Params(**spec.params)
-                except ValidationError as exc:
-                    for err in exc.errors():
-                        loc = ".".join(map(str, err["loc"]))
-                        problems.append((f"teachers.{key}.params.{loc}", err["msg"]))
-        return problems
+    def problems(self) -> list[tuple[str, str]]:
+        return [(f"teachers.{key}.name", "a router cannot route to another router")
+                for key, teacher in self.routes.items() if isinstance(teacher, RouterTeacher)]
 
     def required_columns(self) -> tuple[str, ...]:
         cols = [self.params.column]
@@ -76,19 +63,8 @@ class RouterTeacher(Teacher):
         return tuple(dict.fromkeys(cols))
 
     def setup(self, trainer: Any) -> None:
-        pm = getattr(trainer, "pm", None)
-        if pm is None:
-            from opd_plugins.manager import get_plugin_manager
-
-            pm = get_plugin_manager()
-        problems = self.nested_problems(pm)
-        if problems:
-            raise OPDError("teacher router: " + "; ".join(f"teacher.params.{p}: {m}" for p, m in problems))
-        for key, spec in self.params.teachers.items():
-            teacher = pm.registry.get("teacher", spec.name).from_params(spec.params)
+        for teacher in self.routes.values():
             teacher.setup(trainer)
-            self.routes[key] = teacher
-        self.capabilities = frozenset.intersection(*(frozenset(t.capabilities) for t in self.routes.values()))
 
     def close(self) -> None:
         for teacher in self.routes.values():

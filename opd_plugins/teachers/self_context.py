@@ -121,12 +121,14 @@ class SelfContextTeacher(Teacher):
                                  "number in [0, 1]")
             return v
 
-    def __init__(self, params: Params | None = None) -> None:
-        super().__init__(params)
+    nested_slots: ClassVar[dict[str, str]] = {"reveal": "schedule"}
+
+    def __init__(self, params: Params | None = None, nested: dict[str, Any] | None = None) -> None:
+        super().__init__(params, nested)
         self.trainer: Any = None
         self._shadow: dict[str, torch.Tensor] | None = None  # swapped in to score: the EMA, or the initial weights
         self._ema_updates = 0
-        self._schedule: Any = None
+        self._schedule: Any = self.nested.get("reveal")
         self._pending: dict[str, Any] | None = None  # state loaded before setup()
         self.temperature = 1.0
 
@@ -139,24 +141,6 @@ class SelfContextTeacher(Teacher):
         if self.params.reveal_column is not None:
             cols.append(self.params.reveal_column)
         return tuple(dict.fromkeys(cols))
-
-    def nested_problems(self, pm: Any) -> list[tuple[str, str]]:
-        """Problems of the ``reveal`` schedule spec, as (key path below params, message) — used by validation."""
-        from pydantic import ValidationError
-
-        from opd_plugins.errors import pydantic_problems
-
-        spec = self.params.reveal
-        if spec is None:
-            return []
-        if spec.name not in pm.registry.names("schedule"):
-            return [("reveal.name", pm.registry.not_found_message("schedule", spec.name))]
-        cls = pm.registry.get("schedule", spec.name)
-        try:
-            cls.Params(**spec.params)
-        except ValidationError as exc:
-            return [(p.path, p.message) for p in pydantic_problems(exc, cls.Params, "reveal.params")]
-        return []
 
     def setup(self, trainer: Any) -> None:
         """Bind to the trainer. With ``weights: ema`` the average starts at the current trainable parameters and
@@ -179,8 +163,6 @@ class SelfContextTeacher(Teacher):
             self._ema_updates = 0
             if hasattr(trainer, "add_callback"):
                 trainer.add_callback(_ema_callback(self))
-        if self.params.reveal is not None:
-            self._schedule = self._build_schedule(getattr(trainer, "pm", None))
         if self._pending is not None:
             pending, self._pending = self._pending, None
             self.load_state_dict(pending)
@@ -225,24 +207,11 @@ class SelfContextTeacher(Teacher):
                 params[name].data = data
 
     # -- reveal ------------------------------------------------------------------------------------------------
-    def _build_schedule(self, pm: Any) -> Any:
-        if pm is None:
-            from opd_plugins.manager import get_plugin_manager
-
-            pm = get_plugin_manager()
-        problems = self.nested_problems(pm)
-        if problems:
-            raise OPDError("teacher self_context: " + "; ".join(f"teacher.params.{p}: {m}" for p, m in problems))
-        spec = self.params.reveal
-        return pm.registry.get("schedule", spec.name).from_params(spec.params)
-
     def reveal_ratio(self) -> float | None:
         """The fraction of ``reveal_column`` shown now (the schedule at the trainer's step, clamped to [0, 1]),
         or None without a reveal schedule."""
-        if self.params.reveal is None:
-            return None
         if self._schedule is None:
-            self._schedule = self._build_schedule(getattr(self.trainer, "pm", None))
+            return None
         state = getattr(self.trainer, "state", None)
         step, max_steps = getattr(state, "global_step", 0) or 0, getattr(state, "max_steps", 0) or 0
         r = float(self._schedule.value(step, max_steps))

@@ -15,20 +15,20 @@ from opd_plugins.testing.contracts import (
     AdvantageContract,
     ComponentContract,
     DivergenceContract,
-    PreferenceContract,
     RolloutContract,
     SamplerContract,
+    TaskContract,
     ScheduleContract,
     TeacherContract,
     TextTeacherContract,
     TokenWeightingContract,
+    TrainerContract,
     contract_for,
 )
 from opd_plugins.testing.models import build_tiny_model, build_tokenizer, save_tiny_model
 
 __all__ = [
     "AdvantageContract", "ComponentContract", "DivergenceContract", "RolloutContract", "SamplerContract",
-    "ScheduleContract", "TeacherContract", "TokenWeightingContract", "contract_for", "PreferenceContract",
-    "TextTeacherContract",
+    "ScheduleContract", "TeacherContract", "TokenWeightingContract", "contract_for", "TextTeacherContract",
     "build_tiny_model", "build_tokenizer", "save_tiny_model",
 ]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
@@ -20,6 +22,30 @@ from pydantic import ValidationError
 from opd_plugins.components import KINDS, SNAKE_CASE, Component
 
 _IMPORT_CHECKS: dict[str, str] = {}
+
+
+class _WrongType:
+    """A value no typed pydantic field accepts."""
+
+    def __repr__(self) -> str:
+        return "<wrong type>"
+
+
+def _registry() -> Any:
+    from opd_plugins.manager import get_plugin_manager
+
+    return get_plugin_manager().registry
+
+
+def build_component(cls: type[Component], params: Any = None) -> Component:
+    """Build ``cls`` from ``params`` as a recipe would: through the registry of the built-in and installed plugins,
+    which builds the nested components it declares (``nested_slots``). ``cls`` need not be registered."""
+    from opd_plugins.errors import RecipeError
+
+    component, problems = _registry().resolve_class(cls, params if params is not None else cls.example_params())
+    if problems:
+        raise RecipeError(problems, source=f"{cls.kind} {cls.name!r}")
+    return component
 
 
 def _states_equal(a: Any, b: Any) -> bool:
@@ -39,11 +65,17 @@ class ComponentContract:
     require_registered: ClassVar[bool] = True
 
     def make(self, **overrides: Any) -> Component:
-        """An instance built from ``example_params()`` (override to add test-only setup)."""
+        """An instance built from ``example_params()`` by the registry, as a recipe builds it (nested components
+        included); override to add test-only setup."""
         params = self.component.example_params()
         if overrides:
             params = self.component.Params(**{**params.model_dump(), **overrides})
-        return self.component(params)
+        return build_component(self.component, params)
+
+    def exercised(self) -> Component:
+        """An instance that has done some work, so its ``state_dict()`` is what a checkpoint of a run would hold
+        (kind contracts override this; the default is a fresh instance)."""
+        return self.make()
 
     def test_name_is_snake_case(self):
         assert isinstance(self.component.name, str) and SNAKE_CASE.match(self.component.name), self.component.name
@@ -80,12 +112,34 @@ class ComponentContract:
         assert isinstance(comp, self.component)
 
     def test_state_dict_round_trip(self):
-        comp = self.make()
+        comp = self.exercised()
         state = comp.state_dict()
         json.dumps({k: v for k, v in state.items() if not isinstance(v, torch.Tensor)})
         fresh = self.make()
         fresh.load_state_dict(state)
         assert _states_equal(fresh.state_dict(), state)
+
+    def test_example_params_pass_the_recipe_validator(self):
+        """``example_params()`` written as a recipe's ``{name, params}`` is accepted by the registry's validation
+        (the path a recipe takes), after a YAML round trip."""
+        params = yaml.safe_load(yaml.safe_dump(self.component.example_params().model_dump(mode="json")))
+        registry = _registry()
+        component, problems = registry.resolve_class(self.component, params, self.component.kind)
+        assert not problems, [str(p) for p in problems]
+        assert isinstance(component, self.component)
+
+    def test_wrong_typed_param_is_rejected(self):
+        """Every typed param refuses a value of the wrong type with a validation error (and ``Any`` ones are
+        the component's own business)."""
+        example = self.component.example_params().model_dump()
+        checked = []
+        for name, info in self.component.Params.model_fields.items():
+            if info.annotation is Any:
+                continue
+            with pytest.raises(ValidationError):
+                self.component.Params(**{**example, name: _WrongType()})
+            checked.append(name)
+        assert checked or not self.component.Params.model_fields
 
     def test_module_import_does_not_import_vllm(self):
         module = self.component.__module__.rsplit(".", 1)[0] if "." in self.component.__module__ else self.component.__module__
@@ -293,22 +347,55 @@ def teacher_batch(tokenizer: Any, n: int = 3, completion_len: int = 6, seed: int
     return TeacherBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, prompts=prompts, rows=rows)
 
 
+def point_models_at(params: Any, model_dir: str) -> Any:
+    """``params`` (a mapping) with every ``model`` entry, in nested ``{name, params}`` specs too, replaced by
+    ``model_dir``."""
+    if isinstance(params, dict):
+        return {k: (model_dir if k == "model" and isinstance(v, str) else point_models_at(v, model_dir))
+                for k, v in params.items()}
+    if isinstance(params, list):
+        return [point_models_at(v, model_dir) for v in params]
+    return params
+
+
+def offline_cache_contract_params(model_dir: str) -> dict[str, Any]:
+    """An ``offline_cache`` teacher over a cache of :func:`teacher_batch` (made with the suite's in-memory tokenizer)
+    scored by the tiny model in ``model_dir``; written next to the model on first use, reused after."""
+    from opd_plugins.teachers.cache.writer import cache_teacher_batch
+    from opd_plugins.testing.models import build_tokenizer
+
+    out = Path(model_dir) / ".offline_cache_contract"
+    cache_teacher_batch(teacher_batch(build_tokenizer()), model_dir, out, top_k=4)
+    return {"path": str(out), "teacher": model_dir}
+
+
+CONTRACT_PARAMS: dict[tuple[str, str], Callable[[str], dict[str, Any]]] = {
+    ("teacher", "offline_cache"): offline_cache_contract_params,
+    ("teacher", "blackbox_text"): lambda model_dir: {"source": "local_model", "model": model_dir, "max_tokens": 4},
+}
+"""Built-in teachers whose contract checks need more than their ``model`` pointed at the tiny model."""
+
+
 class TeacherContract(ComponentContract):
     """Log-prob shape, dtype, masking and token alignment (batched scores equal each row scored alone).
 
-    Params named ``model`` are pointed at the tiny test model (``opd_tiny_model_dir``); a teacher can instead
-    define ``contract_params(model_dir) -> Params`` to say how.
+    :meth:`contract_params` points every ``model`` param (nested teachers' too) at the tiny test model
+    (``opd_tiny_model_dir``); override it in your subclass when your teacher needs something else (a cache, a
+    server) to score the suite's batch.
     """
+
+    def contract_params(self, model_dir: str) -> dict[str, Any]:
+        """Params for the scoring checks, from ``example_params()``."""
+        special = CONTRACT_PARAMS.get((self.component.kind, self.component.name))
+        if special is not None and self.component.__module__.startswith("opd_plugins."):
+            return special(model_dir)
+        return point_models_at(self.component.example_params().model_dump(mode="json"), model_dir)
 
     @pytest.fixture
     def teacher(self, opd_tiny_model_dir, opd_tokenizer):
         from opd_plugins.testing.models import build_tiny_model
 
-        if hasattr(self.component, "contract_params"):  # a teacher that wraps others says how to point them at it
-            comp = self.component(self.component.contract_params(str(opd_tiny_model_dir)))
-        else:
-            overrides = {"model": str(opd_tiny_model_dir)} if "model" in self.component.Params.model_fields else {}
-            comp = self.make(**overrides)
+        comp = build_component(self.component, self.contract_params(str(opd_tiny_model_dir)))
         comp.setup(fake_trainer(build_tiny_model(opd_tokenizer, seed=0), opd_tokenizer))
         return comp
 
@@ -395,19 +482,18 @@ class TokenWeightingContract(ComponentContract):
 # ---------------------------------------------------------------------------------------------------------------
 # Text-only teachers and preference objectives (SODA)
 # ---------------------------------------------------------------------------------------------------------------
-# A text-only teacher (capabilities {"text"}) returns responses, never token log-probs, and a preference objective
-# (``preference = True``) compares whole responses, never tokens: the token-level contracts above cannot apply to
-# them by design. They get these contracts instead, which check what they do serve.
+# A text-only teacher (capabilities {"text"}) returns responses, never token log-probs: the token-level contract above
+# cannot apply to it by design. It gets this contract instead, which checks what it does serve.
 
 
 class TextTeacherContract(ComponentContract):
     """``generate`` returns one string per prompt (conversational or plain) in order; ``score`` is a clear error.
 
-    Like :class:`TeacherContract`, a ``model`` param is pointed at the tiny test model, or the teacher defines
-    ``contract_params(model_dir) -> Params``.
+    Like :class:`TeacherContract`, a ``model`` param is pointed at the tiny test model (:meth:`contract_params`).
     """
 
     teacher = TeacherContract.teacher
+    contract_params = TeacherContract.contract_params
 
     def test_declares_text(self):
         assert "text" in self.component.capabilities
@@ -426,39 +512,68 @@ class TextTeacherContract(ComponentContract):
             teacher.score(teacher_batch(opd_tokenizer), "sampled")
 
 
-class PreferenceContract(ComponentContract):
-    """``requires() == "text"``, ``per_token`` is a clear error, and ``config_kwargs()`` are TRL DPOConfig args."""
+# ---------------------------------------------------------------------------------------------------------------
+# Tasks and trainer variants
+# ---------------------------------------------------------------------------------------------------------------
 
-    def test_requires_text(self):
-        assert self.make().requires() == "text"
 
-    def test_per_token_is_a_clear_error(self):
-        from opd_plugins.errors import OPDError
+class TaskContract(ComponentContract):
+    """A task builds the standard columns deterministically, keeps train and eval apart, and scores its own
+    reference answers 1.0 (a task that only scores a dataset's rows, ``builds_prompts = False``, is checked on
+    the reward alone)."""
 
-        s_logits, t_logps, tokens = random_pair()
-        _, student, teacher = make_inputs(s_logits, t_logps, tokens, requires_grad=False)
-        with pytest.raises(OPDError, match="preference"):
-            self.make().per_token(student, teacher)
+    COLUMNS: ClassVar[tuple[str, ...]] = ("prompt", "answer", "hint", "task", "metadata")
 
-    def test_config_kwargs_build_a_dpo_config(self, tmp_path):
-        from trl import DPOConfig
+    def test_builds_standard_columns_deterministically(self):
+        from opd_plugins.errors import DataError
 
-        kwargs = self.make().config_kwargs()
-        config = DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", **kwargs)
-        assert all(getattr(config, k) == v for k, v in kwargs.items())
+        task = self.make()
+        if not task.builds_prompts:  # it only scores a dataset's rows: asking it for prompts is a clear error
+            with pytest.raises(DataError):
+                task.build("train", 6, 0)
+            return
+        train = task.build("train", 6, 0)
+        assert list(train.column_names) == list(self.COLUMNS) and len(train) == 6
+        assert train.to_list() == self.make().build("train", 6, 0).to_list()
+        evald = task.build("eval", 6, 0)
+        assert not {str(p) for p in train["prompt"]} & {str(p) for p in evald["prompt"]}
+
+    def test_reference_answers_score_one_and_a_wrong_one_zero(self):
+        task = self.make()
+        if task.builds_prompts:
+            rows = task.build("train", 4, 0).to_list()
+        else:
+            rows = [{"answer": "48 + 24 = 72\n#### 72", "metadata": None}]
+        for row in rows:
+            assert task.score(row["answer"], row["answer"], row.get("metadata")) == 1.0
+            assert task.score("no answer here", row["answer"], row.get("metadata")) == 0.0
+
+
+class TrainerContract(ComponentContract):
+    """A trainer variant names the recipe sections it reads and the lifecycle hooks it calls (real hooks)."""
+
+    def test_declares_sections_and_hooks(self):
+        from opd_plugins import hookspecs
+        from opd_plugins.variants import SECTIONS
+
+        variant = self.make()
+        assert set(variant.sections) <= set(SECTIONS), set(variant.sections) - set(SECTIONS)
+        assert set(variant.lifecycle_hooks) <= set(hookspecs.LIFECYCLE_HOOKS)
+        assert isinstance(variant.unused_reason, str) and variant.unused_reason
+
+    def test_validation_answers_without_a_recipe(self):
+        assert isinstance(self.make().arg_problems({}), list)
 
 
 CONTRACTS: dict[str, type[ComponentContract]] = {
     "teacher": TeacherContract, "divergence": DivergenceContract, "advantage": AdvantageContract,
     "sampler": SamplerContract, "rollout": RolloutContract, "schedule": ScheduleContract,
-    "token_weighting": TokenWeightingContract,
+    "token_weighting": TokenWeightingContract, "task": TaskContract, "trainer": TrainerContract,
 }
 
 
 def contract_for(cls: type[Component]) -> type[ComponentContract]:
-    """The contract suite for a component class's kind (text-only teachers and preference objectives get theirs)."""
+    """The contract suite for a component class's kind (text-only teachers get theirs)."""
     if cls.kind == "teacher" and "text" in cls.capabilities and not set(cls.capabilities) & {"sampled", "topk", "full"}:
         return TextTeacherContract
-    if cls.kind == "divergence" and getattr(cls, "preference", False):
-        return PreferenceContract
     return CONTRACTS[cls.kind]

@@ -80,7 +80,16 @@ class Components:
         return cls(**resolved)
 
     @classmethod
-    def from_recipe(cls, recipe: Any, pm: Any) -> "Components":
+    def from_recipe(cls, recipe: Any, pm: Any, built: dict[str, Any] | None = None) -> "Components":
+        """The components of a validated recipe: those validation built (``built``, or ``recipe.take_components()``),
+        else built now through ``pm``'s registry."""
+        if built is None and hasattr(recipe, "take_components"):
+            built = recipe.take_components()
+        if built is not None:
+            names = ("teacher", "divergence", "advantage", "sampler", "rollout", "pg_weight", "div_weight",
+                     "div_reward_weight")
+            return cls(**{k: built[k] for k in names if k in built},
+                       token_weighting=list(built.get("token_weighting", [])), correction=recipe.correction)
         spec = lambda s: None if s is None else (s.name, s.params)  # noqa: E731
         return cls.build(
             pm,
@@ -102,5 +111,4 @@ class Components:
 def _resolve(pm: Any, kind: str, value: Any) -> Any:
     if value is None or isinstance(value, Component):
         return value
-    name, params = (value, {}) if isinstance(value, str) else value
-    return pm.registry.get(kind, name).from_params(params)
+    return pm.registry.build(kind, value)  # nested specs are built by the registry too

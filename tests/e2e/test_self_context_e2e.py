@@ -122,8 +122,10 @@ def test_ema_state_survives_checkpoint_resume(tmp_path, opd_tokenizer):
 
 
 def test_reveal_ratio_follows_a_linear_schedule(tmp_path, opd_tokenizer):
-    teacher = SelfContextTeacher(SelfContextTeacher.Params(
-        template="{prompt}\n{hint}", reveal_column="hint", reveal={"name": "linear", "params": {"start": 0.0, "end": 1.0}}))
+    from opd_plugins.manager import get_plugin_manager
+
+    teacher = get_plugin_manager().registry.build("teacher", ("self_context", {
+        "template": "{prompt}\n{hint}", "reveal_column": "hint", "reveal": {"name": "linear", "params": {"start": 0.0, "end": 1.0}}}))
     shown = []
     render = teacher.teacher_prompt
 

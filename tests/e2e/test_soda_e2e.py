@@ -1,5 +1,5 @@
-"""SODA end to end on tiny models: resumable pair building, a 2-step DPO run through ``run.train`` and the CLI,
-and the recipe rules that keep text-only teachers and preference objectives together."""
+"""SODA end to end on tiny models: resumable pair building, a 2-step DPO run through ``runs.train`` and the CLI,
+the recipe rules of ``trainer.name: soda``, and the lifecycle hooks it calls."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import yaml
 
 from opd_plugins.errors import OPDError, RecipeError
 from opd_plugins.recipe import load_recipe
-from opd_plugins.soda import PAIRS_FILE, Sampling, build_pairs, read_pairs
+from opd_plugins.recipe.preference import Sampling
+from opd_plugins.runs.soda import PAIRS_FILE, build_pairs, read_pairs
 from opd_plugins.teachers.blackbox_text import BlackBoxTextTeacher
 
 
@@ -79,11 +80,11 @@ def test_build_pairs_resumes_after_an_interruption(tmp_path, rows, opd_tokenizer
 
 
 def test_identical_and_empty_pairs_are_dropped_and_counted(tmp_path, rows, opd_tokenizer, monkeypatch):
-    import opd_plugins.teachers.blackbox_text as bbt
+    import opd_plugins.generation as generation
     from opd_plugins.testing.models import build_tiny_model
 
     student = ["The answer is 7.", "", "something", "wrong"]
-    monkeypatch.setattr(bbt, "generate_text", lambda model, tok, prompts, **kw: student[:len(prompts)])
+    monkeypatch.setattr(generation, "generate_text", lambda model, tok, prompts, **kw: student[:len(prompts)])
     teacher = column_teacher()
     real = teacher.generate
     teacher.generate = lambda prompts, batch_rows: ["" if i == 2 else t for i, t in enumerate(real(prompts, batch_rows))]
@@ -98,11 +99,11 @@ def soda_recipe(model_dir, out, **changes):
         "model": {"name_or_path": str(model_dir)},
         "data": {"task": {"name": "arithmetic", "params": {"op": "add", "digits": 1, "answer_format": "number_only"}},
                  "train_size": 8, "eval_size": 4},
-        "trainer": {"args": {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1.0e-3,
-                             "max_completion_length": 6, "temperature": 1.0, "generation_batch_size": 4,
-                             "save_steps": 1, "gradient_checkpointing": False, "max_length": 128}},
+        "trainer": {"name": "soda", "args": {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1.0e-3,
+                                             "max_completion_length": 6, "temperature": 1.0, "generation_batch_size": 4,
+                                             "save_steps": 1, "gradient_checkpointing": False, "max_length": 128,
+                                             "beta": 0.1}},
         "teacher": {"name": "blackbox_text", "params": {"source": "column", "template": "The answer is {answer}."}},
-        "divergence": {"name": "dpo", "params": {"beta": 0.1}},
         "evaluation": {"num_prompts": 4, "max_new_tokens": 4, "batch_size": 4},
         "output_dir": str(out),
     }
@@ -124,7 +125,7 @@ def write(tmp_path, recipe, name="soda.yaml"):
 def test_dpo_run_is_resumable_and_writes_the_run_directory(tmp_path, opd_tiny_model_dir, monkeypatch):
     from safetensors.torch import load_file
 
-    from opd_plugins.run import train
+    from opd_plugins.runs import train
 
     out = tmp_path / "run"
     recipe, pm = load_recipe(write(tmp_path, soda_recipe(opd_tiny_model_dir, out)))
@@ -175,7 +176,7 @@ def test_lora_run_through_the_cli(tmp_path, opd_tiny_model_dir, capsys):
                                                                     "evaluation.enabled": False}))
     assert main(["validate", str(path)]) == 0
     said = capsys.readouterr().out
-    assert "teacher=blackbox_text, divergence=dpo, trained as preference pairs" in said
+    assert "trainer=soda, teacher=blackbox_text; trained as preference pairs" in said
     assert "advantage=" not in said and "rollout=" not in said  # components a preference recipe does not use
     assert main(["train", str(path), "trainer.args.max_steps=2"]) == 0
     adapter = load_file(str(out / "final" / "adapter_model.safetensors"))
@@ -191,42 +192,84 @@ def problems(tmp_path, recipe):
     return str(exc.value)
 
 
-def test_recipe_rules_for_text_teachers_and_preference_objectives(tmp_path, opd_tiny_model_dir):
+def test_recipe_rules_for_text_teachers_and_the_soda_trainer(tmp_path, opd_tiny_model_dir):
     base = soda_recipe(opd_tiny_model_dir, tmp_path / "run")
 
-    msg = problems(tmp_path, {**base, "divergence": {"name": "reverse_kl"}})
-    assert "divergence.name: divergence 'reverse_kl' is token-level" in msg and "set divergence.name: dpo" in msg
+    opd = {**base, "trainer": {"args": {"per_device_train_batch_size": 4, "num_generations": 4}},
+           "divergence": {"name": "reverse_kl"}, "objective": {"divergence": 1.0}}
+    msg = problems(tmp_path, opd)  # a text-only teacher with the on-policy trainer
+    assert "teacher.name: teacher 'blackbox_text' returns only response text" in msg and "trainer.name: soda" in msg
     msg = problems(tmp_path, {**base, "teacher": {"name": "hf_model", "params": {"model": str(opd_tiny_model_dir)}}})
     assert "teacher.name: teacher 'hf_model' scores tokens" in msg and "blackbox_text" in msg
-    assert "has 1 problem" in msg  # not also reported by the generic capability check
+    assert "has 1 problem" in msg  # not also reported by a token-level capability check
     msg = problems(tmp_path, {k: v for k, v in base.items() if k != "teacher"})
     assert "teacher: required key is missing" in msg and "text teacher" in msg
-    msg = problems(tmp_path, {k: v for k, v in base.items() if k != "divergence"})
-    assert "divergence: required key is missing" in msg and "divergence: {name: dpo}" in msg
 
-    args = {**base["trainer"]["args"], "num_generations": 4, "beta": 0.5, "learning_rat": 1e-4, "temperature": -1}
-    msg = problems(tmp_path, {**base, "trainer": {"args": args}})
+    args = {**base["trainer"]["args"], "num_generations": 4, "learning_rat": 1e-4, "temperature": -1}
+    msg = problems(tmp_path, {**base, "trainer": {"name": "soda", "args": args}})
     assert "trainer.args.num_generations: not an argument of TRL's DPOConfig" in msg
     assert "on-policy (GRPO/OPD) option" in msg
-    assert "trainer.args.beta: set divergence.params.beta instead" in msg
     assert "trainer.args.learning_rat: not an argument of TRL's DPOConfig" in msg and "Did you mean 'learning_rate'?" in msg
     assert "trainer.args.temperature: Input should be greater than or equal to 0" in msg
-    assert "has 4 problems" in msg
+    assert "has 3 problems" in msg
 
-    msg = problems(tmp_path, {**base, "token_weighting": [{"name": "tip"}], "objective": {"divergence": 1.0},
-                              "divergence": {"name": "dpo", "params": {"loss_type": "exo_pair"}}})
-    assert "token_weighting: not used by the preference objective 'dpo'" in msg
-    assert "objective: not used by the preference objective" in msg
-    assert "divergence.params: Value error, loss_type: exo_pair needs label_smoothing > 0" in msg
+    args = {**base["trainer"]["args"], "loss_type": "exo_pair"}
+    msg = problems(tmp_path, {**base, "trainer": {"name": "soda", "args": args}, "token_weighting": [{"name": "tip"}],
+                              "objective": {"divergence": 1.0}, "divergence": {"name": "reverse_kl"}})
+    assert "token_weighting: not used by trainer 'soda'" in msg
+    assert "objective: not used by trainer 'soda'" in msg and "divergence: not used by trainer 'soda'" in msg
+    assert "trainer.args.label_smoothing: loss_type: exo_pair needs label_smoothing > 0" in msg
+    args = {**base["trainer"]["args"], "loss_type": "sigmoidd", "beta": 0}
+    msg = problems(tmp_path, {**base, "trainer": {"name": "soda", "args": args}})
+    assert "trainer.args.loss_type: unknown DPO loss type 'sigmoidd'" in msg and "trainer.args.beta: beta must be > 0" in msg
 
     msg = problems(tmp_path, {**base, "teacher": {"name": "blackbox_text", "params": {"source": "openai_chat",
                                                                                        "model": "m"}}})
-    assert "teacher.params: Value error, source: openai_chat needs base_url" in msg
+    assert "teacher.params: source: openai_chat needs base_url" in msg
+    msg = problems(tmp_path, {**base, "trainer": {"name": "sodaa", "args": {}}})
+    assert "trainer.name: unknown trainer 'sodaa'. Did you mean 'soda'?" in msg and "registered: opd, soda" in msg
 
     # The token-level rules are unchanged for other recipes (e.g. GRPO batch divisibility still applies).
     grpo = {**base, "trainer": {"args": {"per_device_train_batch_size": 4, "num_generations": 3}}}
-    del grpo["teacher"], grpo["divergence"]
+    del grpo["teacher"]
     assert "does not divide the generation batch" in problems(tmp_path, grpo)
+
+
+def test_the_earlier_dpo_divergence_form_is_read_as_the_soda_trainer_with_a_note(tmp_path, opd_tiny_model_dir):
+    legacy = soda_recipe(opd_tiny_model_dir, tmp_path / "run")
+    args = dict(legacy["trainer"]["args"])
+    beta = args.pop("beta")
+    legacy["trainer"] = {"args": args}
+    legacy["divergence"] = {"name": "dpo", "params": {"beta": beta, "loss_type": "ipo"}}
+    recipe, _ = load_recipe(write(tmp_path, legacy))
+    assert recipe.trainer.name == "soda" and recipe.divergence is None
+    assert recipe.trainer.args["beta"] == beta and recipe.trainer.args["loss_type"] == "ipo"
+    [note] = recipe.notes
+    assert "divergence: {name: dpo} is now trainer: {name: soda}" in note and "beta, loss_type" in note
+
+
+def test_soda_calls_its_lifecycle_hooks_and_refuses_plugins_whose_hooks_it_never_calls(tmp_path, opd_tiny_model_dir):
+    import sys
+    import types
+
+    from opd_plugins import hookimpl
+    from opd_plugins.runs import train
+
+    calls = []
+    module = types.ModuleType("soda_hook_recorder")
+    for hook in ("opd_trainer_init", "opd_checkpoint_save"):
+        setattr(module, hook, hookimpl(specname=hook)(lambda *a, _h=hook, **k: calls.append(_h)))
+    sys.modules["soda_hook_recorder"] = module
+    recipe = {**soda_recipe(opd_tiny_model_dir, tmp_path / "run", **{"evaluation.enabled": False}),
+              "plugins": ["soda_hook_recorder"]}
+    loaded, pm = load_recipe(write(tmp_path, recipe))
+    train(loaded, pm)
+    assert calls[0] == "opd_trainer_init" and calls.count("opd_checkpoint_save") == 2  # save_steps 1, 2 steps
+
+    module.opd_rollout_end = hookimpl(specname="opd_rollout_end")(lambda **k: None)
+    msg = problems(tmp_path, {**recipe, "output_dir": str(tmp_path / "run2")})
+    assert "plugins[0]: plugin 'soda_hook_recorder' implements opd_rollout_end, which trainer 'soda' never calls" in msg
+    del sys.modules["soda_hook_recorder"]
 
 
 @pytest.mark.parametrize("beta", [0.1, 2.0])
@@ -236,18 +279,18 @@ def test_dpo_loss_equals_a_naive_reference(tmp_path, opd_tiny_model_dir, beta):
     import torch.nn.functional as F
 
     from opd_plugins.models import load_causal_lm, load_tokenizer
-    from opd_plugins.soda import _sodatrainer_class, build_dpo_config, pairs_dataset
+    from opd_plugins.runs.soda import build_dpo_config, pairs_dataset
+    from opd_plugins.trainers.soda_trainer import SODATrainer
 
     recipe, pm = load_recipe(write(tmp_path, soda_recipe(opd_tiny_model_dir, tmp_path / "run",
-                                                         **{"divergence.params": {"beta": beta}})))
-    objective = pm.registry.get("divergence", "dpo")(pm.registry.get("divergence", "dpo").Params(beta=beta))
+                                                         **{"trainer.args.beta": beta})))
     tok = load_tokenizer(str(opd_tiny_model_dir))
     model = load_causal_lm(str(opd_tiny_model_dir), tokenizer=tok)
     ref = load_causal_lm(str(opd_tiny_model_dir), tokenizer=tok)
     pairs = [{"prompt": [{"role": "user", "content": f"What is {i} + {i}?"}], "chosen": f"The answer is {2 * i}.",
               "rejected": f"maybe {i} or {3 * i} or so"} for i in range(4)]
-    trainer = _sodatrainer_class()(model=model, ref_model=ref, args=build_dpo_config(recipe, objective),
-                                   train_dataset=pairs_dataset(pairs), processing_class=tok)
+    trainer = SODATrainer(model=model, ref_model=ref, args=build_dpo_config(recipe), train_dataset=pairs_dataset(pairs),
+                          processing_class=tok, plugin_manager=pm)
     with torch.no_grad():  # move the policy away from the reference so the margins are not all zero
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

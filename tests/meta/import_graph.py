@@ -24,14 +24,14 @@ PACKAGE = "opd_plugins"
 FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core", ("opd_plugins", "opd_plugins.markers", "opd_plugins.errors", "opd_plugins.components",
               "opd_plugins.registry", "opd_plugins.hookspecs", "opd_plugins.manager", "opd_plugins.correction",
-              "opd_plugins.paths", "opd_plugins.context")),
+              "opd_plugins.paths", "opd_plugins.variants", "opd_plugins.context")),
     ("recipe", ("opd_plugins.recipe",)),
     ("kinds", ("opd_plugins.teachers", "opd_plugins.divergences", "opd_plugins.token_weighting",
                "opd_plugins.advantages", "opd_plugins.samplers", "opd_plugins.rollout", "opd_plugins.schedules",
                "opd_plugins.tasks", "opd_plugins.data", "opd_plugins.models", "opd_plugins.generation",
                "opd_plugins.evaluation", "opd_plugins.selection")),
     ("trainers", ("opd_plugins.trainers",)),
-    ("runs", ("opd_plugins.runs", "opd_plugins.commands")),
+    ("runs", ("opd_plugins.runs", "opd_plugins.commands", "opd_plugins.report")),
     ("entry", ("opd_plugins.cli", "opd_plugins.__main__", "opd_plugins.run", "opd_plugins.soda",
                "opd_plugins.precompute", "opd_plugins.serve", "opd_plugins.testing")),
 )

@@ -18,7 +18,10 @@ from opd_plugins.advantages import (
     TeacherDenseAdvantage,
     UniOPDMarginAdvantage,
 )
+from opd_plugins.manager import get_plugin_manager
 from opd_plugins.testing.contracts import AdvantageContract
+
+_REGISTRY = get_plugin_manager().registry
 
 NAN = float("nan")
 
@@ -149,7 +152,7 @@ def test_median_even_group_is_a_clear_error():
     assert MedianAdvantage().num_generations_problem(4) == msg
     assert MedianAdvantage().num_generations_problem(3) is None
     assert dense(sparse={"name": "median"}).num_generations_problem(4) == msg  # nested estimators pass it on
-    assert ACEAdvantage(ACEAdvantage.Params(base={"name": "median"})).num_generations_problem(5) is None
+    assert ace(base={"name": "median"}).num_generations_problem(5) is None
     assert dense().num_generations_problem(4) is None
 
 
@@ -228,8 +231,17 @@ TOKEN_REWARD = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5], [0.0, -1.0, 
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
 
 
+def build(name, **params):
+    """Build an estimator through the registry, as a recipe does (nested estimators included)."""
+    return _REGISTRY.build("advantage", (name, params))
+
+
 def dense(**params):
-    return TeacherDenseAdvantage(TeacherDenseAdvantage.Params(**params))
+    return build("teacher_dense", **params)
+
+
+def ace(**params):
+    return build("ace", **params)
 
 
 def test_teacher_dense_sum_of_dense_and_sparse():
@@ -284,24 +296,25 @@ def test_teacher_dense_needs_the_token_reward():
 
 
 def test_nested_spec_problems_name_the_key(tmp_path):
-    from opd_plugins.manager import get_plugin_manager
+    def problems(name, **params):
+        return [(p.path, p.message) for p in _REGISTRY.problems("advantage", (name, params), "advantage")]
 
-    pm = get_plugin_manager()
-    est = dense(sparse={"name": "grpoo"})
-    assert est.sparse is None
-    [(path, msg)] = est.nested_problems(pm)
-    assert path == "sparse.name" and "unknown advantage 'grpoo'. Did you mean 'grpo'?" in msg
-    with pytest.raises(ValueError, match="params.sparse.name: unknown advantage 'grpoo'"):
-        est.compute(inp([1, 0], 2, token_reward=torch.zeros(2, 3)))
-    [(path, msg)] = dense(sparse={"name": "grpo", "params": {"scale": "groupp"}}).nested_problems(pm)
-    assert path == "sparse.params.scale" and "'group'" in msg
-    ace = ACEAdvantage(ACEAdvantage.Params(base={"name": "grpo", "params": {"sclae": "none"}}))
-    [(path, msg)] = ace.nested_problems(pm)
-    assert path == "base.params.sclae" and "Did you mean 'scale'" in msg
-    assert dense().nested_problems(pm) == []
+    [(path, msg)] = problems("teacher_dense", sparse={"name": "grpoo"})
+    assert path == "advantage.params.sparse.name" and "unknown advantage 'grpoo'. Did you mean 'grpo'?" in msg
+    from opd_plugins.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="params.sparse.name: unknown advantage 'grpoo'"):
+        dense(sparse={"name": "grpoo"})
+    [(path, msg)] = problems("teacher_dense", sparse={"name": "grpo", "params": {"scale": "groupp"}})
+    assert path == "advantage.params.sparse.params.scale" and "'group'" in msg
+    [(path, msg)] = problems("ace", base={"name": "grpo", "params": {"sclae": "none"}})
+    assert path == "advantage.params.base.params.sclae" and "Did you mean 'scale'" in msg
+    assert problems("teacher_dense") == []
+    with pytest.raises(ValueError, match="must be built by the registry"):
+        TeacherDenseAdvantage()  # direct construction cannot resolve a nested spec
 
 
-def test_nested_estimator_from_a_recipe_plugin_is_explained():
+def test_nested_estimator_from_a_recipe_plugin_is_built_with_the_recipes_registry():
     import types
 
     from opd_plugins import hookimpl
@@ -316,8 +329,9 @@ def test_nested_estimator_from_a_recipe_plugin_is_explained():
     module.opd_register_components = hookimpl(lambda: [Mine])
     pm = get_plugin_manager()
     pm.load_module(module)
-    [(path, msg)] = dense(sparse={"name": "my_local_adv"}).nested_problems(pm)
-    assert path == "sparse.name" and "recipe's `plugins:` list" in msg and "installed as a plugin" in msg
+    est = pm.registry.build("advantage", ("teacher_dense", {"sparse": {"name": "my_local_adv"}}))
+    assert isinstance(est.sparse, Mine)
+    assert "my_local_adv" not in _REGISTRY.names("advantage")  # the plugin lives in that manager only
 
 
 def test_nested_state_round_trips():
@@ -446,7 +460,7 @@ LOGPS = torch.tensor([[-0.1, -0.1], [-2.0, -2.0], [-0.2, -0.4], [-1.0, -3.0]])
 def test_ace_token_prob_amplifies_only_negative_advantages():
     x = inp([1, 0, 0, 0], 4, logps=LOGPS, mask=torch.ones(4, 2))
     base = GRPOAdvantage().compute(x)
-    adv = ACEAdvantage(ACEAdvantage.Params(confidence="token_prob", alpha=0.5)).compute(x)
+    adv = ace(confidence="token_prob", alpha=0.5).compute(x)
     m = torch.exp(LOGPS.mean(1))
     assert close(adv, torch.where(base < 0, base * (1 + 0.5 * m), base))
     assert adv[0] == base[0] > 0
@@ -457,7 +471,7 @@ def test_ace_groups_of_two():
     x = inp([0, 1], 2, logps=torch.tensor([[-0.1], [-1.0]]))
     base = GRPOAdvantage().compute(x)  # [-0.707.., 0.707..]
     m0 = torch.nn.functional.softplus(torch.tensor(-0.1 + 0.55))  # ℓ_0 − mean(ℓ) = 0.45
-    assert close(ACEAdvantage().compute(x), [base[0] * (1 + m0), base[1]])
+    assert close(ace().compute(x), [base[0] * (1 + m0), base[1]])
 
 
 def test_ace_group_shift_is_softplus_of_the_log_prob_shift():
@@ -466,26 +480,26 @@ def test_ace_group_shift_is_softplus_of_the_log_prob_shift():
     ell = torch.tensor([-0.1, -2.0, -0.2, -2.0])  # masked token means
     m = torch.nn.functional.softplus(ell - ell.mean())
     base = GRPOAdvantage().compute(x)
-    assert close(ACEAdvantage().compute(x), torch.where(base < 0, base * (1 + m), base))
-    assert close(ACEAdvantage(ACEAdvantage.Params(alpha=0.0)).compute(x), base)
-    assert close(ACEAdvantage().compute(inp([1, 1, 1, 1], 4, logps=LOGPS)), [0] * 4)  # all equal stays 0
-    assert close(ACEAdvantage().compute(inp([1, NAN, 0, 0], 4, logps=LOGPS)),
-                 ACEAdvantage().compute(inp([1, NAN, 0, 0], 4, logps=LOGPS))) and \
-        ACEAdvantage().compute(inp([1, NAN, 0, 0], 4, logps=LOGPS))[1] == 0
+    assert close(ace().compute(x), torch.where(base < 0, base * (1 + m), base))
+    assert close(ace(alpha=0.0).compute(x), base)
+    assert close(ace().compute(inp([1, 1, 1, 1], 4, logps=LOGPS)), [0] * 4)  # all equal stays 0
+    assert close(ace().compute(inp([1, NAN, 0, 0], 4, logps=LOGPS)),
+                 ace().compute(inp([1, NAN, 0, 0], 4, logps=LOGPS))) and \
+        ace().compute(inp([1, NAN, 0, 0], 4, logps=LOGPS))[1] == 0
 
 
 def test_ace_local_slice_and_token_level_base():
     r = [1, 0, 0, 1, 0, 1, 0, 0]
     logps = -torch.rand(8, 3, generator=torch.Generator().manual_seed(3))
-    full = ACEAdvantage().compute(inp(r, 4, logps=logps))
-    assert close(ACEAdvantage().compute(inp(r, 4, logps=logps[4:], local=slice(4, 8))), full[4:])
-    est = ACEAdvantage(ACEAdvantage.Params(base={"name": "teacher_dense", "params": {"sparse": {"name": "rloo"}}}))
+    full = ace().compute(inp(r, 4, logps=logps))
+    assert close(ace().compute(inp(r, 4, logps=logps[4:], local=slice(4, 8))), full[4:])
+    est = ace(base={"name": "teacher_dense", "params": {"sparse": {"name": "rloo"}}})
     assert est.needs_logps and est.needs_token_reward and est.min_generations == 2
     tr = -torch.rand(8, 3)
     adv = est.compute(inp(r, 4, logps=logps, token_reward=tr))
     assert adv.shape == (8, 3) and torch.isfinite(adv).all()
     with pytest.raises(ValueError, match="needs inputs.logps"):
-        ACEAdvantage().compute(inp(r, 4))
+        ace().compute(inp(r, 4))
 
 
 # ---------------------------------------------------------------------------------------------------------------

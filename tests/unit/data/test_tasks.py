@@ -275,7 +275,7 @@ def test_validate_task_params_reports_every_problem_readably():
     assert len(problems) == 3
     assert any(p.startswith("params.op: Input should be 'add', 'sub', 'mul' or 'max'") for p in problems)
     assert "params.digits: Input should be less than or equal to 6 [got 9]" in problems
-    assert any(p.startswith("params.digit: unknown parameter. Did you mean 'digits'?") for p in problems)
+    assert any(p.startswith("params.digit: unknown key 'digit'. Did you mean 'digits'?") for p in problems)
     assert validate_task_params("arithmetic", {"op": "mul", "digits": 1}) == []
     assert validate_task_params("arithmetic", None) == []
 
@@ -378,7 +378,7 @@ def test_reasoning_gym_config_problems():
         "reasoning_gym", {"dataset": "chain_sum", "config": {"min_terms": 4, "max_terms": 2}}
     )
     assert problem.startswith("params.config: invalid config for chain_sum")
-    assert validate_task_params("reasoning_gym", {}) == ["params.dataset: Field required"]
+    assert validate_task_params("reasoning_gym", {}) == ["params.dataset: required key is missing"]
 
 
 @pytest.mark.parametrize(

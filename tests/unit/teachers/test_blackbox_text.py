@@ -268,13 +268,13 @@ def test_as_messages():
 
 
 def test_dpo_loss_types_are_trl_branches():
-    """Every loss_type the dpo objective accepts is a branch of TRL's DPOTrainer loss (catches a TRL upgrade)."""
+    """Every loss_type a SODA recipe accepts is a branch of TRL's DPOTrainer loss (catches a TRL upgrade)."""
     import inspect
     import typing
 
     from trl import DPOTrainer
 
-    from opd_plugins.divergences.dpo import LossType
+    from opd_plugins.recipe.preference import LossType
 
     source = inspect.getsource(DPOTrainer._compute_loss)
     missing = [t for t in typing.get_args(LossType) if f'loss_type == "{t}"' not in source]

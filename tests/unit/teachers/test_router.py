@@ -11,6 +11,13 @@ from opd_plugins.testing import save_tiny_model
 from opd_plugins.testing.contracts import fake_trainer, teacher_batch
 
 
+def built(**params):
+    """A router built by the registry, as a recipe builds it (the routed teachers are nested components)."""
+    from opd_plugins.manager import get_plugin_manager
+
+    return get_plugin_manager().registry.build("teacher", ("router", params))
+
+
 @pytest.fixture
 def two_teachers(tmp_path, opd_tokenizer):
     a = save_tiny_model(tmp_path / "a", seed=1, tokenizer=opd_tokenizer)
@@ -23,10 +30,10 @@ def test_rows_are_scored_by_their_routed_teacher(two_teachers, opd_tokenizer, op
     batch = teacher_batch(opd_tokenizer, n=4)
     for i, row in enumerate(batch.rows):
         row["data_source"] = ["math", "code", "math", "code"][i]
-    router = RouterTeacher(RouterTeacher.Params(teachers={
+    router = built(teachers={
         "math": {"name": "hf_model", "params": {"model": str(a)}},
         "code": {"name": "hf_model", "params": {"model": str(b)}},
-    }))
+    })
     trainer = fake_trainer(opd_tiny_model, opd_tokenizer)
     router.setup(trainer)
     got = router.score(batch, "full")
@@ -42,7 +49,7 @@ def test_rows_are_scored_by_their_routed_teacher(two_teachers, opd_tokenizer, op
 def test_unrouted_value_and_missing_column(two_teachers, opd_tokenizer, opd_tiny_model):
     a, _ = two_teachers
     batch = teacher_batch(opd_tokenizer, n=2)
-    router = RouterTeacher(RouterTeacher.Params(teachers={"math": {"name": "hf_model", "params": {"model": str(a)}}}))
+    router = built(teachers={"math": {"name": "hf_model", "params": {"model": str(a)}}})
     router.setup(fake_trainer(opd_tiny_model, opd_tokenizer))
     with pytest.raises(DataError, match="rows have no column 'data_source'"):
         router.score(batch)
@@ -76,3 +83,37 @@ def test_nested_specs_are_validated_with_the_recipe(tmp_path, opd_tiny_model_dir
     msg = str(exc.value)
     assert "teacher.params.teachers.math.name: unknown teacher 'hf_modl'. Did you mean 'hf_model'?" in msg
     assert "teacher.params.teachers.code.params.templat" in msg
+
+
+def test_a_route_that_cannot_serve_the_divergence_fails_at_validation(tmp_path, opd_tiny_model_dir):
+    """The router's capabilities are those every routed teacher has, known when it is built (at validation), so a
+    full-vocabulary divergence with a top-k-only route is refused before any model loads."""
+    recipe = {
+        "model": {"name_or_path": str(opd_tiny_model_dir)},
+        "data": {"task": {"name": "arithmetic"}},
+        "teacher": {"name": "router", "params": {"column": "task", "teachers": {
+            "a": {"name": "hf_model", "params": {"model": str(opd_tiny_model_dir)}},
+            "b": {"name": "openai_server", "params": {"base_url": "http://127.0.0.1:9", "model": "t"}},
+        }, "default": "a"}},
+        "divergence": {"name": "reverse_kl", "params": {"estimator": "full"}},
+        "objective": {"divergence": 1.0},
+        "output_dir": str(tmp_path / "run"),
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(path)
+    assert "reverse_kl needs 'full' teacher scores, but teacher 'router' provides only sampled, topk" in str(exc.value)
+    recipe["divergence"] = {"name": "reverse_kl"}
+    path.write_text(yaml.safe_dump(recipe))
+    recipe_obj, _ = load_recipe(path)
+    assert recipe_obj.components["teacher"].capabilities == {"sampled", "topk"}
+
+
+def test_a_router_cannot_route_to_a_router(tmp_path):
+    from opd_plugins.manager import get_plugin_manager
+
+    inner = {"name": "router", "params": {"teachers": {"x": {"name": "self_context"}}}}
+    problems = get_plugin_manager().registry.problems("teacher", ("router", {"teachers": {"a": inner}}), "teacher")
+    assert [(p.path, p.message) for p in problems] == [
+        ("teacher.params.teachers.a.name", "a router cannot route to another router")]

@@ -18,6 +18,13 @@ from opd_plugins.trainers.state import load_component_states, save_component_sta
 P = SelfContextTeacher.Params
 
 
+def built(params):
+    """A self_context teacher built by the registry (its reveal schedule is a nested component)."""
+    from opd_plugins.manager import get_plugin_manager
+
+    return get_plugin_manager().registry.build("teacher", ("self_context", params))
+
+
 def _model(opd_tiny_model, kind):
     if kind == "full":
         return opd_tiny_model
@@ -186,8 +193,8 @@ def test_reveal_prefix_hand_cases(text, ratio, expected):
 
 
 def test_reveal_renders_a_prefix_of_the_column_following_the_schedule():
-    t = SelfContextTeacher(P(template="{prompt}\nReference: {solution}\nAnswer: {answer}", reveal_column="solution",
-                             reveal={"name": "linear", "params": {"start": 0.0, "end": 1.0}}))
+    t = built(P(template="{prompt}\nReference: {solution}\nAnswer: {answer}", reveal_column="solution",
+                reveal={"name": "linear", "params": {"start": 0.0, "end": 1.0}}))
     assert t.required_columns() == ("solution", "answer")
     row = {"solution": "a b c d e f g h", "answer": "8"}
     assert t.teacher_prompt("Q", row, reveal_ratio=0.25) == "Q\nReference: a b\nAnswer: 8"
@@ -197,7 +204,7 @@ def test_reveal_renders_a_prefix_of_the_column_following_the_schedule():
     assert t.teacher_prompt([{"role": "user", "content": "Q"}], row)[0]["content"] == "Q\nReference: a b c d\nAnswer: 8"
     trainer.state.global_step = 10
     assert t.teacher_prompt("Q", row) == "Q\nReference: a b c d e f g h\nAnswer: 8"
-    constant = SelfContextTeacher(P(template="{prompt} {hint}", reveal_column="hint", reveal=7.0))
+    constant = built(P(template="{prompt} {hint}", reveal_column="hint", reveal=7.0))
     constant.trainer = trainer
     assert constant.reveal_ratio() == 1.0  # clamped to [0, 1]
 
@@ -209,7 +216,7 @@ def test_reveal_ratio_is_logged_and_changes_teacher_scores(opd_tiny_model, opd_t
     trainer._log = lambda name, value: logged.append((name, value))
     scores = {}
     for ratio in (0.0, 1.0):
-        t = SelfContextTeacher(P(reveal_column="hint", reveal=ratio))
+        t = built(P(reveal_column="hint", reveal=ratio))
         t.setup(trainer)
         scores[ratio] = t.score(batch).token_logps
     assert logged == [("teacher/reveal_ratio", 0.0), ("teacher/reveal_ratio", 1.0)]
@@ -243,7 +250,7 @@ def _recipe_errors(tmp_path, model_dir, teacher_params):
 def test_recipe_validation_errors(tmp_path, opd_tiny_model_dir):
     msg = _recipe_errors(tmp_path, opd_tiny_model_dir, {"template": "{prompt}\n{hint}", "reveal_column": "solution",
                                                          "reveal": 0.5, "weights": "ema", "ema_decay": 1.5})
-    assert "teacher.params.reveal_column: Value error, reveal_column 'solution' is not a field of template" in msg
+    assert "teacher.params.reveal_column: reveal_column 'solution' is not a field of template" in msg
     assert "teacher.params.ema_decay: Input should be less than 1" in msg
 
     msg = _recipe_errors(tmp_path, opd_tiny_model_dir, {"reveal_column": "hint",
@@ -255,8 +262,8 @@ def test_recipe_validation_errors(tmp_path, opd_tiny_model_dir):
     assert "teacher.params.reveal.params.strat: unknown key 'strat'. Did you mean 'start'?" in msg
 
     msg = _recipe_errors(tmp_path, opd_tiny_model_dir, {"ema_decay": 0.9, "reveal": 0.5})
-    assert "teacher.params.ema_decay: Value error, ema_decay applies only to weights: ema, but weights is 'live'" in msg
-    assert "teacher.params.reveal: Value error, reveal is set but reveal_column is not" in msg
+    assert "teacher.params.ema_decay: ema_decay applies only to weights: ema, but weights is 'live'" in msg
+    assert "teacher.params.reveal: reveal is set but reveal_column is not" in msg
 
 
 def test_valid_recipe_with_ema_and_reveal(tmp_path, opd_tiny_model_dir):

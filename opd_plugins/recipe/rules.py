@@ -1,0 +1,298 @@
+"""Recipe rules: one function per concern, each ``(ctx) -> list[Problem]``; they load nothing heavy.
+
+The loader runs the generic rules (:data:`GENERIC_RULES`: the trainer variant, the component slots, the model,
+the data, the trainer arguments, the plugins' hooks) and then the chosen variant's own
+(:meth:`~opd_plugins.variants.TrainerVariant.recipe_problems`); the on-policy variant uses :data:`ON_POLICY_RULES`.
+Components are built here, once, through the registry (nested specs included) and kept in ``ctx.built`` for the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from opd_plugins.components import ComponentSpec
+from opd_plugins.errors import Problem, pydantic_problems
+from opd_plugins.recipe.references import check_model_reference
+from opd_plugins.recipe.schema import SLOT_KINDS, DatasetSource, ObjectiveSpec
+from opd_plugins.variants import TrainerVariant
+
+OBJECTIVE_TERMS: dict[str, str] = {"policy_gradient": "pg_weight", "divergence": "div_weight",
+                                   "divergence_reward": "div_reward_weight"}
+"""Objective terms and the key their schedule is built under (``Components`` field names)."""
+
+TOKEN_CAPABILITIES: tuple[str, ...] = ("sampled", "topk", "full")
+"""Teacher capabilities that give token scores (weakest first); ``text`` gives none."""
+
+GPU_TRAINER_ARGS: tuple[str, ...] = ("bf16", "fp16", "tf32", "use_vllm")
+
+
+@dataclass
+class RecipeContext:
+    """What the rules see: the recipe's sections (None where a section is itself invalid, named in ``invalid``),
+    the registry, the chosen variant, the recipe's own plugin modules, and the components built so far."""
+
+    sections: Any
+    registry: Any
+    variant: TrainerVariant | None = None
+    recipe_plugins: list[tuple[int, Any]] = field(default_factory=list)
+    built: dict[str, Any] = field(default_factory=dict)
+    device_check: bool = True
+
+    @property
+    def invalid(self) -> set[str]:
+        return self.sections.invalid
+
+    @property
+    def args(self) -> dict[str, Any]:
+        trainer = self.sections.trainer
+        return trainer.args if trainer is not None else {}
+
+    def uses(self, section: str) -> bool:
+        return self.variant is not None and section in self.variant.sections
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generic rules
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def trainer_rule(ctx: RecipeContext) -> list[Problem]:
+    """``trainer.name`` names a registered trainer variant."""
+    trainer = ctx.sections.trainer
+    if trainer is None:
+        return []
+    variant, problems = ctx.registry.resolve("trainer", ComponentSpec(name=trainer.name), "trainer")
+    ctx.variant = variant
+    return problems
+
+
+def slot_rule(ctx: RecipeContext) -> list[Problem]:
+    """Every component slot the variant uses is built (with its nested specs); a slot it does not use must not be
+    set."""
+    problems: list[Problem] = []
+    s = ctx.sections
+    for slot, kind in SLOT_KINDS.items():
+        spec = getattr(s, slot)
+        if spec is None or slot in ctx.invalid:
+            continue
+        if not ctx.uses(slot):
+            if ctx.variant is not None and _is_set(slot, spec):
+                problems.append(_unused(ctx, slot))
+            continue
+        component, p = ctx.registry.resolve(kind, spec, slot)
+        problems += p
+        if component is not None:
+            ctx.built[slot] = component
+    if s.token_weighting and not ctx.uses("token_weighting"):
+        problems.append(_unused(ctx, "token_weighting"))
+    elif s.token_weighting:
+        weightings = []
+        for i, spec in enumerate(s.token_weighting):
+            component, p = ctx.registry.resolve("token_weighting", spec, f"token_weighting[{i}]")
+            problems += p
+            weightings.append(component)
+        if all(w is not None for w in weightings):
+            ctx.built["token_weighting"] = weightings
+    if s.objective is not None and not ctx.uses("objective"):
+        if s.objective != ObjectiveSpec():
+            problems.append(_unused(ctx, "objective"))
+    elif s.objective is not None:
+        for term, key in OBJECTIVE_TERMS.items():
+            component, p = ctx.registry.resolve("schedule", getattr(s.objective, term), f"objective.{term}")
+            problems += p
+            if component is not None:
+                ctx.built[key] = component
+    if s.correction is not None and s.correction.mode != "none" and not ctx.uses("correction"):
+        problems.append(_unused(ctx, "correction"))
+    return problems
+
+
+_DEFAULT_SLOTS = {"advantage": "grpo", "sampler": "none", "rollout": "hf_generate"}
+
+
+def _is_set(slot: str, spec: ComponentSpec) -> bool:
+    return not (slot in _DEFAULT_SLOTS and spec.name == _DEFAULT_SLOTS[slot] and not spec.params)
+
+
+def _unused(ctx: RecipeContext, slot: str) -> Problem:
+    v = ctx.variant
+    return Problem(slot, f"not used by trainer {v.name!r}: {v.unused_reason}; remove it")
+
+
+def model_rule(ctx: RecipeContext) -> list[Problem]:
+    model = ctx.sections.model
+    msg = check_model_reference(model.name_or_path) if model is not None else None
+    return [Problem("model.name_or_path", msg)] if msg else []
+
+
+def data_rule(ctx: RecipeContext) -> list[Problem]:
+    """The task (a registered component of kind ``task``) and the dataset sources."""
+    data = ctx.sections.data
+    if data is None:
+        return []
+    problems: list[Problem] = []
+    if data.task is not None:
+        task, p = ctx.registry.resolve("task", data.task, "data.task")
+        problems += p
+        if task is not None:
+            ctx.built["task"] = task
+    for key in ("dataset", "eval_dataset"):
+        src = getattr(data, key)
+        if src is not None:
+            try:
+                DatasetSource.model_validate(src)
+            except ValidationError as exc:
+                problems += pydantic_problems(exc, DatasetSource, f"data.{key}")
+    return problems
+
+
+def args_rule(ctx: RecipeContext) -> list[Problem]:
+    if ctx.variant is None or ctx.sections.trainer is None:
+        return []
+    return ctx.variant.arg_problems(ctx.args)
+
+
+def hooks_rule(ctx: RecipeContext) -> list[Problem]:
+    """A recipe's own plugin may not implement a lifecycle hook the chosen trainer never calls (it would be inert)."""
+    if ctx.variant is None:
+        return []
+    from opd_plugins import hookspecs
+
+    lifecycle = set(hookspecs.LIFECYCLE_HOOKS)
+    problems = []
+    for i, module in ctx.recipe_plugins:
+        implemented = set()
+        for attr in dir(module):
+            opts = getattr(getattr(module, attr, None), "opd_impl", None)
+            if isinstance(opts, dict):
+                implemented.add(opts.get("specname") or attr)
+        names = sorted(n for n in implemented if n in lifecycle and n not in ctx.variant.lifecycle_hooks)
+        if names:
+            calls = ", ".join(sorted(ctx.variant.lifecycle_hooks)) or "none"
+            problems.append(Problem(f"plugins[{i}]", (
+                f"plugin {module.__name__!r} implements {', '.join(names)}, which trainer {ctx.variant.name!r} never "
+                f"calls (it calls: {calls}); the hook would do nothing. Remove the plugin from this recipe or choose "
+                "a trainer that calls it (trainer.name: opd calls every hook)")))
+    return problems
+
+
+def device_rule(ctx: RecipeContext) -> list[Problem]:
+    return device_problems(ctx.sections, ctx.built) if ctx.device_check else []
+
+
+def device_problems(recipe: Any, built: dict[str, Any] | None = None) -> list[Problem]:
+    """GPU-only options in a recipe (trainer arguments, and the settings each built component declares through
+    ``gpu_problems()``), when this machine has no GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    trainer = getattr(recipe, "trainer", None)
+    args = trainer.args if trainer is not None else {}
+    problems = [Problem(f"trainer.args.{key}", f"{key}: true needs a GPU and none is available here; set it to false "
+                        "on CPU") for key in GPU_TRAINER_ARGS if args.get(key)]
+    built = built if built is not None else dict(getattr(recipe, "components", None) or {})
+    for slot, component in built.items():
+        for sub in component if isinstance(component, list) else [component]:
+            for path, msg in sub.gpu_problems():
+                problems.append(Problem(f"{slot}.params.{path}", msg))
+    return problems
+
+
+GENERIC_RULES = (trainer_rule, slot_rule, model_rule, data_rule, args_rule, hooks_rule)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On-policy rules (the `opd` trainer: rollouts, rewards, teacher scores, loss terms)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _ever_nonzero(schedule: Any) -> bool:
+    return any(abs(schedule.value(s, 100)) > 0 for s in range(0, 101, 5))
+
+
+def teacher_needed_rule(ctx: RecipeContext) -> list[Problem]:
+    """A non-zero divergence term needs a teacher and a divergence; so does a teacher-guided estimator."""
+    b, s = ctx.built, ctx.sections
+    uses_div = any(key in b and _ever_nonzero(b[key]) for key in ("div_weight", "div_reward_weight"))
+    problems = []
+    why = "objective.divergence or objective.divergence_reward is non-zero, so the recipe needs"
+    if uses_div and s.teacher is None and "teacher" not in ctx.invalid:
+        problems.append(Problem("teacher", f"required key is missing: {why} a teacher"))
+    if uses_div and s.divergence is None and "divergence" not in ctx.invalid:
+        problems.append(Problem("divergence", f"required key is missing: {why} a divergence"))
+    adv = b.get("advantage")
+    if adv is not None and adv.needs_token_reward and (s.teacher is None or s.divergence is None):
+        problems.append(Problem("advantage", f"{s.advantage.name} turns teacher guidance into advantages: the "
+                                "recipe needs a teacher and a divergence"))
+    return problems
+
+
+def capability_rule(ctx: RecipeContext) -> list[Problem]:
+    """The teacher gives the scores the divergence needs (token scores at all, for a text-only teacher)."""
+    teacher, divergence = ctx.built.get("teacher"), ctx.built.get("divergence")
+    if teacher is None:
+        return []
+    caps = set(teacher.capabilities)
+    name = ctx.sections.teacher.name
+    if not caps & set(TOKEN_CAPABILITIES):
+        return [Problem("teacher.name", (
+            f"teacher {name!r} returns only response text, no token log-probs, which the on-policy trainer "
+            "needs; train it with SODA (trainer.name: soda, docs/soda.md), or use a teacher that scores tokens "
+            "(hf_model, openai_server)"))]
+    if divergence is None:
+        return []
+    need = divergence.requires()
+    if need not in caps:
+        have = sorted(caps & set(TOKEN_CAPABILITIES))
+        return [Problem("divergence", (
+            f"{ctx.sections.divergence.name} needs {need!r} teacher scores, but teacher {name!r} provides only "
+            f"{', '.join(have)}; choose a divergence that works from {' or '.join(have)} (e.g. estimator: sampled) "
+            f"or a teacher that gives {need!r}"))]
+    return []
+
+
+def reward_rule(ctx: RecipeContext) -> list[Problem]:
+    """Token weightings that gate on task rewards need a task."""
+    data = ctx.sections.data
+    if data is None or data.task is not None:
+        return []
+    return [Problem(f"token_weighting[{i}]", f"{tw.name} gates on task rewards, but the recipe has no reward: add "
+                    "data.task (a verifiable task that scores completions)")
+            for i, tw in enumerate(ctx.built.get("token_weighting", [])) if tw.requires_rewards()]
+
+
+def batch_rule(ctx: RecipeContext) -> list[Problem]:
+    """``num_generations`` divides the generation batch and suits the advantage estimator."""
+    args = ctx.args
+    num_gen = args.get("num_generations", 8)
+    per_device = args.get("per_device_train_batch_size", 8)
+    ga = args.get("gradient_accumulation_steps", 1)
+    spg = args.get("steps_per_generation") or ga
+    gen_batch = args.get("generation_batch_size") or (per_device * spg if isinstance(per_device, int) and
+                                                      isinstance(spg, int) else None)
+    problems = []
+    if isinstance(num_gen, int) and isinstance(gen_batch, int) and num_gen > 0 and gen_batch % num_gen:
+        problems.append(Problem("trainer.args.num_generations", (
+            f"num_generations={num_gen} does not divide the generation batch of {gen_batch} completions "
+            f"(per_device_train_batch_size={per_device} × steps_per_generation={spg}); set num_generations to a "
+            f"divisor of {gen_batch} or change the batch size")))
+    adv = ctx.built.get("advantage")
+    if adv is not None and isinstance(num_gen, int):
+        if num_gen < adv.min_generations:
+            problems.append(Problem("trainer.args.num_generations", (
+                f"advantage {adv.name!r} needs groups of at least {adv.min_generations} completions per prompt, "
+                f"got num_generations={num_gen}")))
+        message = adv.num_generations_problem(num_gen)
+        if message:
+            problems.append(Problem("trainer.args.num_generations", message))
+    return problems
+
+
+ON_POLICY_RULES = (teacher_needed_rule, capability_rule, reward_rule, batch_rule)
+
+
+__all__ = ["GENERIC_RULES", "ON_POLICY_RULES", "RecipeContext", "device_problems"]

@@ -1,0 +1,1 @@
+"""The offline teacher cache: its format and reader (:mod:`.format`) and its writer (:mod:`.writer`)."""
