@@ -1,30 +1,36 @@
-"""The rollout-backend contract."""
+"""The rollout-backend contract: ``generate(prompt_ids, sampling) -> Rollouts``."""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
 from opd_plugins.components import Component
+from opd_plugins.context import Rollouts, Sampling, SetupContext
 
 
 class RolloutBackend(Component):
     """Base class of rollout backends: turn tokenized prompts into completions.
 
-    :meth:`generate` receives one rank's prompt token ids (``num_generations`` copies of each prompt already
-    in the list) and returns ``(completion_ids, logprobs)``: lists of token-id lists, and per-token behaviour
-    log-probs (or None when the backend does not compute them). ``precision`` says what the backend samples
-    with (``"model"`` = the training weights' own dtype).
+    :meth:`generate` receives one rank's prompt token ids (``sampling.num_generations`` copies of each prompt
+    already in the list) and returns :class:`~opd_plugins.context.Rollouts`: one completion per prompt, the
+    behaviour log-probs of the sampled tokens (or None when the backend does not compute them) and the policy version
+    of the weights that sampled them. ``precision`` says what the backend samples with (``"model"`` = the training
+    weights' own dtype). The trainer calls :meth:`setup` once and :meth:`sync_weights` whenever the policy has changed
+    since the last rollout (before the next :meth:`generate`).
     """
 
     kind: ClassVar[str] = "rollout"
     precision: ClassVar[str] = "model"
 
-    def setup(self, trainer: Any) -> None:
+    def setup(self, ctx: SetupContext) -> None:
         """Prepare the engine (called once, on every rank)."""
 
-    def generate(self, trainer: Any, prompt_ids: list[list[int]], images: Any, multimodal_fields: Any,
-                 num_generations: int, has_tool_images: bool = False) -> tuple[list[list[int]], list[list[float]] | None]:
+    def generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> Rollouts:
         raise NotImplementedError
 
-    def sync_weights(self, model: Any) -> None:
-        """Push the trained weights to the engine (no-op for engines that read the model directly)."""
+    def sync_weights(self, model: Any, version: int) -> None:
+        """The policy changed (optimizer step ``version``): push ``model``'s weights to the engine. A no-op for
+        engines that read the training model directly."""
+
+
+__all__ = ["RolloutBackend", "Rollouts", "Sampling"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
+from opd_plugins.context import Rollouts, Sampling, SetupContext
+from opd_plugins.errors import OPDError
 from opd_plugins.rollout.base import RolloutBackend
 
 
@@ -12,14 +14,25 @@ class HFGenerate(RolloutBackend):
 
     Works everywhere (no vLLM needed), so it is the default and the CPU backend. It reads the policy directly,
     so no weight sync is needed; sampling settings (``temperature``, ``top_p``, ``top_k``,
-    ``max_completion_length``) come from the trainer arguments.
+    ``max_completion_length``) come from the trainer arguments. The behaviour log-probs are what TRL's path returns
+    (None for transformers generation).
     """
 
     name: ClassVar[str] = "hf_generate"
 
-    def generate(self, trainer: Any, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        from trl import GRPOTrainer
+    def __init__(self, params=None) -> None:
+        super().__init__(params)
+        self._generate = None
 
-        return GRPOTrainer._generate_single_turn(
-            trainer, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=has_tool_images
-        )
+    def setup(self, ctx: SetupContext) -> None:
+        if ctx.trl_generate is None:
+            raise OPDError("rollout 'hf_generate' runs TRL's own generation, which this context does not provide "
+                           "(it is set by OPDTrainer)")
+        self._generate = ctx.trl_generate
+
+    def generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> Rollouts:
+        if self._generate is None:
+            raise RuntimeError("hf_generate rollout used before setup()")
+        completion_ids, logprobs = self._generate(prompt_ids, sampling.images, sampling.multimodal_fields,
+                                                  sampling.num_generations, sampling.has_tool_images)
+        return Rollouts(completion_ids, logprobs, sampling.step)

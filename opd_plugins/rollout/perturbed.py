@@ -15,6 +15,7 @@ import torch
 from pydantic import Field
 
 from opd_plugins.components import ComponentParams
+from opd_plugins.context import Rollouts, Sampling, SetupContext
 from opd_plugins.errors import OPDError
 from opd_plugins.rollout.base import RolloutBackend
 
@@ -50,26 +51,24 @@ class PerturbedHFGenerate(RolloutBackend):
         super().__init__(params)
         self.behaviour_model: Any = None
         self.version = 0  # the trainer step the behaviour weights were copied at; seeds the noise
-        self._synced = False
+        self._ctx: SetupContext | None = None
 
     @classmethod
     def example_params(cls) -> Params:
         return cls.Params(noise_std=0.02, temperature_shift=0.1)
 
     # ------------------------------------------------------------------------------------------------------
-    def setup(self, trainer: Any) -> None:
-        if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
-            raise OPDError("rollout 'perturbed_hf' copies the whole model, so it does not support DeepSpeed or FSDP, "
-                           "because their weights are sharded; use it on one process or with DDP")
-        self._sync(trainer)
+    def setup(self, ctx: SetupContext) -> None:
+        if ctx.sharded:
+            raise OPDError(f"rollout 'perturbed_hf' copies the whole model, so it does not support {ctx.sharding}, "
+                           "whose weights are sharded; use it on one process or with DDP")
+        self._ctx = ctx
+        self.sync_weights(ctx.model, ctx.step)
 
-    def _sync(self, trainer: Any) -> None:
-        self.version = _step(trainer)
-        self.sync_weights(_unwrap(trainer))
-        self._synced = True
-
-    def sync_weights(self, model: Any) -> None:
-        """Copy ``model``'s weights into the behaviour model and perturb them with fresh noise."""
+    def sync_weights(self, model: Any, version: int) -> None:
+        """Copy ``model``'s weights into the behaviour model and perturb them with fresh noise (seeded by
+        ``seed`` and ``version``, so it is the same on every rank and after a resume)."""
+        self.version = int(version)
         if self.behaviour_model is None:
             self.behaviour_model = copy.deepcopy(model)
             # Instance-level forward patches do not survive a deep copy: TRL's fused LM head (``add_fused_lm_head``)
@@ -98,22 +97,25 @@ class PerturbedHFGenerate(RolloutBackend):
                         p.add_((torch.randn(p.shape, generator=gen) * std).to(p.device, p.dtype))
 
     # ------------------------------------------------------------------------------------------------------
-    def generate(self, trainer: Any, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+    def generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> Rollouts:
         from trl.trainer.utils import pad
 
-        if multimodal_fields or has_tool_images or any(i is not None for i in (images or [])):
+        ctx = self._ctx
+        if ctx is None:
+            raise RuntimeError("perturbed_hf rollout used before setup()")
+        if sampling.multimodal_fields or sampling.has_tool_images or any(i is not None for i in (sampling.images or [])):
             raise OPDError("rollout 'perturbed_hf' is text-only; use 'hf_generate' for vision-language models")
-        if not self._synced or _step(trainer) != self.version:
-            self._sync(trainer)
-        tok = trainer.processing_class
+        if sampling.step != self.version:
+            self.sync_weights(ctx.model, sampling.step)
+        tok = ctx.tokenizer
         tok = getattr(tok, "tokenizer", tok)
-        multiple = getattr(trainer, "pad_to_multiple_of", None)
         prompts = [torch.tensor(ids) for ids in prompt_ids]
-        input_ids = pad(prompts, padding_value=tok.pad_token_id, padding_side="left", pad_to_multiple_of=multiple)
+        input_ids = pad(prompts, padding_value=tok.pad_token_id, padding_side="left",
+                        pad_to_multiple_of=ctx.pad_to_multiple_of)
         attention_mask = pad([torch.ones_like(p) for p in prompts], padding_value=0, padding_side="left",
-                             pad_to_multiple_of=multiple)
+                             pad_to_multiple_of=ctx.pad_to_multiple_of)
         device = next(self.behaviour_model.parameters()).device
-        config = self._generation_config(trainer, tok)
+        config = self._generation_config(ctx, tok)
         with torch.no_grad():
             out = self.behaviour_model.generate(input_ids=input_ids.to(device),
                                                 attention_mask=attention_mask.to(device), generation_config=config)
@@ -121,30 +123,26 @@ class PerturbedHFGenerate(RolloutBackend):
         logps = torch.stack([torch.log_softmax(s.float(), dim=-1).gather(-1, completions[:, t:t + 1]).squeeze(-1)
                              for t, s in enumerate(out.scores)], dim=1) if out.scores else completions.float()
         # Keep everything up to and including the first EOS, as TRL's own generation path does.
-        eos = torch.tensor(_eos_ids(trainer, tok), device=completions.device)
+        eos = torch.tensor(_eos_ids(ctx, tok), device=completions.device)
         is_eos = torch.isin(completions, eos)
         first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], completions.shape[1],
                                                                                   dtype=torch.long))
         keep = torch.arange(completions.shape[1], device=completions.device).unsqueeze(0) <= first.unsqueeze(1)
         completion_ids = [c[k].tolist() for c, k in zip(completions.cpu(), keep.cpu(), strict=True)]
         logprobs = [lp[k].tolist() for lp, k in zip(logps.cpu(), keep.cpu(), strict=True)]
-        return completion_ids, logprobs
+        return Rollouts(completion_ids, logprobs, self.version)
 
-    def _generation_config(self, trainer: Any, tok: Any) -> Any:
+    def _generation_config(self, ctx: SetupContext, tok: Any) -> Any:
         from transformers import GenerationConfig
 
-        base = getattr(trainer, "generation_config", None)
-        if base is not None:
-            config = copy.deepcopy(base)
+        if ctx.generation_config is not None:
+            config = copy.deepcopy(ctx.generation_config)
         else:
-            args = trainer.args
-            config = GenerationConfig(max_new_tokens=trainer.max_completion_length, do_sample=True,
-                                      pad_token_id=tok.pad_token_id, eos_token_id=_eos_ids(trainer, tok),
-                                      top_k=getattr(args, "top_k", None) or 0,
-                                      top_p=getattr(args, "top_p", None) or 1.0)
-        temperature = float(trainer.temperature) + self.params.temperature_shift
+            config = GenerationConfig(max_new_tokens=ctx.max_completion_length or 256, do_sample=True, top_k=0,
+                                      top_p=1.0, pad_token_id=tok.pad_token_id, eos_token_id=_eos_ids(ctx, tok))
+        temperature = float(ctx.temperature) + self.params.temperature_shift
         if temperature <= 0:
-            raise OPDError(f"rollout 'perturbed_hf': temperature {trainer.temperature} + temperature_shift "
+            raise OPDError(f"rollout 'perturbed_hf': temperature {ctx.temperature} + temperature_shift "
                            f"{self.params.temperature_shift} is not positive")
         config.temperature = temperature
         config.do_sample = True
@@ -153,19 +151,8 @@ class PerturbedHFGenerate(RolloutBackend):
         return config
 
 
-def _unwrap(trainer: Any) -> Any:
-    return trainer.accelerator.unwrap_model(trainer.model)
-
-
-def _step(trainer: Any) -> int:
-    state = getattr(trainer, "state", None)
-    return getattr(state, "global_step", 0)
-
-
-def _eos_ids(trainer: Any, tok: Any) -> list[int]:
-    ids = getattr(trainer, "eos_token_ids", None)
-    if ids is None:
-        ids = [tok.eos_token_id]
+def _eos_ids(ctx: SetupContext, tok: Any) -> list[int]:
+    ids = ctx.eos_token_ids if ctx.eos_token_ids is not None else [tok.eos_token_id]
     return list(ids) if isinstance(ids, (list, tuple)) else [ids]
 
 

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from opd_plugins.components import ComponentParams
+from opd_plugins.context import Rollouts, Sampling, SetupContext
 from opd_plugins.errors import DataError
 from opd_plugins.rollout.base import RolloutBackend
 
@@ -35,30 +36,32 @@ class ReplayRollout(RolloutBackend):
         self.cache: Any = None
         self._cursor: dict[str, int] = {}
         self._tokenizer: Any = None
+        self._rank = 0
 
     @classmethod
     def example_params(cls) -> Params:
         return cls.Params(path="teacher_cache")
 
-    def setup(self, trainer: Any) -> None:
-        from opd_plugins.teachers.offline_cache import TeacherCache
+    def setup(self, ctx: SetupContext) -> None:
+        from opd_plugins.teachers.cache.format import TeacherCache
 
         self.cache = TeacherCache(self.params.path)
         self.cache.prompt_index()
-        self._tokenizer = getattr(trainer, "processing_class", None)
+        self._tokenizer = ctx.tokenizer
+        self._rank = ctx.process_index
         cached_max = self.cache.manifest.get("data", {}).get("max_completion_tokens")
-        limit = getattr(getattr(trainer, "args", None), "max_completion_length", None)
+        limit = ctx.max_completion_length
         if cached_max is not None and limit is not None and cached_max > limit:
             warnings.warn(f"rollout replay: the cache holds completions of up to {cached_max} tokens, more than "
                           f"max_completion_length={limit}; they are replayed whole", stacklevel=2)
 
-    def generate(self, trainer: Any, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        from opd_plugins.teachers.offline_cache import prompt_key
+    def generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> Rollouts:
+        from opd_plugins.teachers.cache.format import prompt_key
 
         if self.cache is None:
             raise RuntimeError("replay rollout used before setup()")
         index = self.cache.prompt_index()
-        rank = getattr(getattr(trainer, "accelerator", None), "process_index", 0)
+        rank, num_generations = self._rank, sampling.num_generations
         completions = []
         for j, ids in enumerate(prompt_ids):
             ids = [int(t) for t in ids]
@@ -76,7 +79,7 @@ class ReplayRollout(RolloutBackend):
             n = self._cursor[key]
             self._cursor[key] = n + 1
             completions.append(self.cache.completion_ids(*rows[n % len(rows)]))
-        return completions, None
+        return Rollouts(completions, None, sampling.step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"cursors": dict(self._cursor)}

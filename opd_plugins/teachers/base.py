@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from opd_plugins.components import Component
+from opd_plugins.context import SetupContext
 from opd_plugins.errors import TeacherError
 
 Capability = Literal["sampled", "topk", "full", "text"]
@@ -115,14 +116,14 @@ class Teacher(Component):
     """Base class of teacher providers.
 
     A provider declares ``capabilities`` (which of ``sampled``, ``topk``, ``full`` it can return). The trainer
-    calls :meth:`setup` once with the trainer (load models, connect to servers), then :meth:`score` on every
-    generation batch with ``want`` set to what the recipe's divergence needs.
+    calls :meth:`setup` once with a :class:`~opd_plugins.context.SetupContext` (load models, connect to servers),
+    then :meth:`score` on every generation batch with ``want`` set to what the recipe's divergence needs.
     """
 
     kind: ClassVar[str] = "teacher"
     capabilities: ClassVar[frozenset[str]] = frozenset({"sampled"})
 
-    def setup(self, trainer: Any) -> None:
+    def setup(self, ctx: SetupContext) -> None:
         """Prepare for scoring (called once, on every rank, after the trainer is built)."""
 
     def score(self, batch: TeacherBatch, want: Capability = "sampled") -> TeacherScores:

@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from opd_plugins.components import ComponentParams
+from opd_plugins.context import SetupContext
 from opd_plugins.errors import DataError, TeacherError
 from opd_plugins.generation import generate_text
 from opd_plugins.teachers.base import Capability, Teacher, TeacherBatch, TeacherScores
@@ -138,7 +139,7 @@ class BlackBoxTextTeacher(Teacher):
         return tuple(dict.fromkeys(_fields(p.template)))
 
     # -- setup --------------------------------------------------------------------------------------------------
-    def setup(self, trainer: Any = None) -> None:
+    def setup(self, ctx: SetupContext | None = None) -> None:
         """Read the API key and open the HTTP pool (openai_chat) or load the model (local_model). Idempotent;
         :meth:`generate` calls it on first use."""
         p = self.params
@@ -152,8 +153,8 @@ class BlackBoxTextTeacher(Teacher):
 
             path = resolve_model_path(p.model)
             self.tokenizer = load_tokenizer(path, trust_remote_code=p.trust_remote_code)
-            device = p.device or (getattr(getattr(trainer, "accelerator", None), "device", None)
-                                  or ("cuda" if torch.cuda.is_available() else "cpu"))
+            device = p.device or (ctx.device if ctx is not None else None) or (
+                "cuda" if torch.cuda.is_available() else "cpu")
             model = load_causal_lm(path, dtype=p.dtype, trust_remote_code=p.trust_remote_code, tokenizer=self.tokenizer)
             self.model = model.to(device).eval().requires_grad_(False)
 

@@ -8,6 +8,7 @@ import torch
 from pydantic import Field
 
 from opd_plugins.components import ComponentParams
+from opd_plugins.context import SetupContext
 from opd_plugins.teachers.base import Capability, Teacher, TeacherBatch, TeacherScores, score_with_causal_lm
 
 
@@ -57,7 +58,7 @@ class HFModelTeacher(Teacher):
                         "which needs a CUDA GPU; none is available here (remove it on CPU)"))
         return out
 
-    def setup(self, trainer: Any) -> None:
+    def setup(self, ctx: SetupContext) -> None:
         from opd_plugins.models import check_vocab_compatible, load_causal_lm, load_tokenizer, resolve_model_path
 
         p = self.params
@@ -65,15 +66,14 @@ class HFModelTeacher(Teacher):
         teacher_tok = load_tokenizer(path, trust_remote_code=p.trust_remote_code)
         self.model = load_causal_lm(path, dtype=p.dtype, trust_remote_code=p.trust_remote_code,
                                     quantization=p.quantization,
-                                    device_map={"": str(p.device or trainer.accelerator.device)} if p.quantization else None)
-        student = trainer.accelerator.unwrap_model(trainer.model)
+                                    device_map={"": str(p.device or ctx.device)} if p.quantization else None)
+        student = ctx.model
         check_vocab_compatible(
-            trainer.processing_class, teacher_tok,
+            ctx.tokenizer, teacher_tok,
             student.config.get_text_config().vocab_size, self.model.config.get_text_config().vocab_size,
             getattr(student.config, "_name_or_path", "student") or "student", p.model,
         )
-        self.attach(self.model, device=p.device or trainer.accelerator.device,
-                    temperature=p.temperature or trainer.temperature)
+        self.attach(self.model, device=p.device or ctx.device, temperature=p.temperature or ctx.temperature)
 
     def attach(self, model: torch.nn.Module, *, device: Any = "cpu", temperature: float = 1.0) -> None:
         """Use an already-loaded model as the teacher (frozen, eval mode)."""

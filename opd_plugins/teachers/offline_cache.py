@@ -14,6 +14,7 @@ import torch
 from pydantic import Field
 
 from opd_plugins.components import ComponentParams
+from opd_plugins.context import SetupContext
 from opd_plugins.errors import TeacherError
 from opd_plugins.teachers.base import Capability, Teacher, TeacherBatch, TeacherScores
 from opd_plugins.teachers.cache.format import (  # noqa: F401 - re-exported: the names this module always had
@@ -62,7 +63,7 @@ class OfflineCacheTeacher(Teacher):
     def example_params(cls) -> Params:
         return cls.Params(path="teacher_cache", teacher="tiny-teacher")
 
-    def setup(self, trainer: Any) -> None:
+    def setup(self, ctx: SetupContext) -> None:
         p = self.params
         self.cache = TeacherCache(p.path)
         recorded = self.cache.manifest["teacher"]
@@ -77,13 +78,13 @@ class OfflineCacheTeacher(Teacher):
                 f"teacher offline_cache: the cache at {p.path!r} was made from weights with sha256 "
                 f"{recorded['weights_sha256']}, the recipe requires {p.weights_sha256}"
             )
-        rollout = getattr(getattr(trainer, "components", None), "rollout", None)
+        rollout = ctx.peers.get("rollout")
         if rollout is not None:  # fail before the first step, not at it
             self._check_rollout(rollout)
-        self.tokenizer = getattr(trainer, "processing_class", None)
+        self.tokenizer = ctx.tokenizer
         if p.tokenizer_check:
             check_tokenizer(self.cache.manifest, self.tokenizer, p.path, "teacher offline_cache")
-        temperature = getattr(trainer, "temperature", None)
+        temperature = ctx.temperature
         if temperature is not None and abs(float(temperature) - float(recorded["temperature"])) > 1e-6:
             warnings.warn(
                 f"teacher offline_cache: the cache was scored at temperature {recorded['temperature']}, the trainer "

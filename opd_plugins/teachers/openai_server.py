@@ -11,6 +11,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from opd_plugins.components import ComponentParams
+from opd_plugins.context import SetupContext
 from opd_plugins.errors import OPDError, TeacherError
 from opd_plugins.teachers.base import Capability, Teacher, TeacherBatch, TeacherScores
 from opd_plugins.teachers.http import JSONClient, check_api_key_env, check_base_url, read_api_key
@@ -103,7 +104,7 @@ class OpenAIServerTeacher(Teacher):
         return cls.Params(model="tiny-teacher", spawn_local_server=True)
 
     # -- setup -------------------------------------------------------------------------------------------------
-    def setup(self, trainer: Any) -> None:
+    def setup(self, ctx: SetupContext) -> None:
         p = self.params
         self._api_key = read_api_key("openai_server", p.api_key_env)
         if p.spawn_local_server:
@@ -116,11 +117,11 @@ class OpenAIServerTeacher(Teacher):
                     api_key_env=p.api_key_env, timeout_s=p.spawn_timeout_s)
             except OPDError as exc:
                 raise TeacherError(f"teacher openai_server: spawn_local_server failed: {exc}") from None
-        self.temperature = float(p.temperature or getattr(trainer, "temperature", 1.0) or 1.0)
+        self.temperature = float(p.temperature or ctx.temperature or 1.0)
         self._pool = ThreadPoolExecutor(max_workers=p.concurrency, thread_name_prefix="opd-teacher-http")
         try:
             self.model_name = self._check_model()
-            self._probe(getattr(trainer, "processing_class", None))
+            self._probe(ctx.tokenizer)
         except BaseException:
             self.close()
             raise

@@ -8,6 +8,7 @@ import torch
 from pydantic import Field, model_validator
 
 from opd_plugins.components import ComponentParams, ComponentSpec
+from opd_plugins.context import SetupContext
 from opd_plugins.errors import DataError, OPDError
 from opd_plugins.teachers.base import CAPABILITY_ORDER, Capability, Teacher, TeacherBatch, TeacherScores
 
@@ -62,9 +63,9 @@ class RouterTeacher(Teacher):
             cols += list(t.required_columns())
         return tuple(dict.fromkeys(cols))
 
-    def setup(self, trainer: Any) -> None:
+    def setup(self, ctx: SetupContext) -> None:
         for teacher in self.routes.values():
-            teacher.setup(trainer)
+            teacher.setup(ctx)
 
     def close(self) -> None:
         for teacher in self.routes.values():

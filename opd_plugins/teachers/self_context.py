@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import re
 import string
-from collections.abc import Iterator
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
 from opd_plugins.components import ComponentParams, ComponentSpec, as_schedule_spec
+from opd_plugins.context import SetupContext
 from opd_plugins.errors import DataError, OPDError
+from opd_plugins.teachers._shadow_weights import ShadowWeights, is_peft
 from opd_plugins.teachers.base import (
     Capability,
     Teacher,
@@ -125,11 +125,10 @@ class SelfContextTeacher(Teacher):
 
     def __init__(self, params: Params | None = None, nested: dict[str, Any] | None = None) -> None:
         super().__init__(params, nested)
-        self.trainer: Any = None
-        self._shadow: dict[str, torch.Tensor] | None = None  # swapped in to score: the EMA, or the initial weights
-        self._ema_updates = 0
+        self.ctx: SetupContext | None = None
+        self.shadow: ShadowWeights | None = None  # swapped in to score: the EMA, or the initial weights
         self._schedule: Any = self.nested.get("reveal")
-        self._pending: dict[str, Any] | None = None  # state loaded before setup()
+        self._pending: dict[str, Any] | None = None  # EMA state loaded before setup() (the model is not known yet)
         self.temperature = 1.0
 
     @property
@@ -142,69 +141,32 @@ class SelfContextTeacher(Teacher):
             cols.append(self.params.reveal_column)
         return tuple(dict.fromkeys(cols))
 
-    def setup(self, trainer: Any) -> None:
-        """Bind to the trainer. With ``weights: ema`` the average starts at the current trainable parameters and
-        a callback updates it after every optimizer step (a trainer without ``add_callback`` must call
-        :meth:`update_ema` itself)."""
-        self.trainer = trainer
-        self.temperature = self.params.temperature or trainer.temperature
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        if self.params.weights == "initial" and not _is_peft(model):
+    def setup(self, ctx: SetupContext) -> None:
+        """Bind to the run's student. With ``weights: ema`` the average starts at the current trainable parameters
+        and is updated after every optimizer step (``ctx.on_optimizer_step``; without it, call :meth:`update_ema`)."""
+        self.ctx = ctx
+        self.temperature = self.params.temperature or ctx.temperature
+        model = ctx.model
+        who = "teacher self_context"
+        if self.params.weights == "initial" and not is_peft(model):
             # Full fine-tuning: a copy of the starting trainable weights, swapped in to score. (Not a deepcopy of
             # the model: TRL patches ``model.forward`` with a closure over the live model, which a copy would keep.)
-            _check_unsharded(trainer)
-            self._shadow = {n: p.detach().clone() for n, p in _trainable(model).items()}
+            _check_unsharded(ctx)
+            self.shadow = ShadowWeights(model, who=who)
         if self.params.weights == "ema":
-            _check_unsharded(trainer)
-            trainable = _trainable(model)
-            if not trainable:
-                raise OPDError("teacher self_context: weights: ema averages the trainable parameters, but the model has none")
-            self._shadow = {n: p.detach().to(torch.float32, copy=True) for n, p in trainable.items()}
-            self._ema_updates = 0
-            if hasattr(trainer, "add_callback"):
-                trainer.add_callback(_ema_callback(self))
+            _check_unsharded(ctx)
+            self.shadow = ShadowWeights(model, ema_decay=self.ema_decay, who=who)
+            if ctx.on_optimizer_step is not None:
+                ctx.on_optimizer_step(self.update_ema)
         if self._pending is not None:
             pending, self._pending = self._pending, None
             self.load_state_dict(pending)
 
-    # -- EMA weights -------------------------------------------------------------------------------------------
-    def _model(self) -> torch.nn.Module:
-        return self.trainer.accelerator.unwrap_model(self.trainer.model)
-
-    @torch.no_grad()
     def update_ema(self) -> None:
         """θ_ema ← d·θ_ema + (1−d)·θ over the trainable parameters (called after every optimizer step)."""
-        if self.params.weights != "ema" or self._shadow is None:
+        if self.params.weights != "ema" or self.shadow is None:
             raise RuntimeError("self_context: update_ema() needs weights: ema and setup()")
-        params = self._tracked_params(self._model())
-        d = self.ema_decay
-        for name, avg in self._shadow.items():
-            avg.mul_(d).add_(params[name].detach().to(avg.device, torch.float32), alpha=1.0 - d)
-        self._ema_updates += 1
-
-    def _tracked_params(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-        params = dict(model.named_parameters())
-        missing = [n for n in self._shadow or {} if n not in params]
-        if missing:
-            raise OPDError(f"teacher self_context: the model no longer has parameter(s) {missing[:3]} the teacher tracks")
-        return params
-
-    @contextlib.contextmanager
-    def _shadow_swapped_in(self, model: torch.nn.Module) -> Iterator[None]:
-        """Point the trainable parameters at the teacher's tensors (EMA or initial); the student's tensors are put
-        back on exit, even when scoring raises (no copy of the student's weights is made: storage is swapped)."""
-        params = self._tracked_params(model)
-        saved: dict[str, torch.Tensor] = {}
-        try:
-            with torch.no_grad():
-                for name, avg in (self._shadow or {}).items():
-                    p = params[name]
-                    saved[name] = p.data
-                    p.data = avg.to(device=p.device, dtype=p.dtype)
-            yield
-        finally:
-            for name, data in saved.items():
-                params[name].data = data
+        self.shadow.update()
 
     # -- reveal ------------------------------------------------------------------------------------------------
     def reveal_ratio(self) -> float | None:
@@ -212,8 +174,7 @@ class SelfContextTeacher(Teacher):
         or None without a reveal schedule."""
         if self._schedule is None:
             return None
-        state = getattr(self.trainer, "state", None)
-        step, max_steps = getattr(state, "global_step", 0) or 0, getattr(state, "max_steps", 0) or 0
+        step, max_steps = self.ctx.progress() if self.ctx is not None else (0, 0)
         r = float(self._schedule.value(step, max_steps))
         if not math.isfinite(r):
             raise OPDError(f"teacher self_context: reveal schedule {self.params.reveal.name!r} gave {r} at step {step}")
@@ -248,10 +209,10 @@ class SelfContextTeacher(Teacher):
         return messages
 
     def _tokenize(self, prompts: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = self.trainer.processing_class
+        tok = self.ctx.tokenizer
         texts = [
             p if isinstance(p, str)
-            else tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False, **self.trainer.chat_template_kwargs)
+            else tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False, **self.ctx.chat_template_kwargs)
             for p in prompts
         ]
         ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -263,28 +224,28 @@ class SelfContextTeacher(Teacher):
 
     # -- scoring -----------------------------------------------------------------------------------------------
     def score(self, batch: TeacherBatch, want: Capability = "sampled") -> TeacherScores:
-        if self.trainer is None:
+        if self.ctx is None:
             raise RuntimeError("self_context teacher used before setup()")
         ratio = self.reveal_ratio()
-        if ratio is not None and callable(getattr(self.trainer, "_log", None)):
-            self.trainer._log("teacher/reveal_ratio", ratio)
+        if ratio is not None:
+            self.ctx.log("teacher/reveal_ratio", ratio)
         rows = batch.rows or [{} for _ in batch.prompts]
         t_prompts = [self.teacher_prompt(p, r, ratio) for p, r in zip(batch.prompts, rows, strict=True)]
         p_ids, p_mask = self._tokenize(t_prompts)
         dev = batch.completion_ids.device
         ids = torch.cat([p_ids.to(dev), batch.completion_ids], 1)
         mask = torch.cat([p_mask.to(dev), batch.completion_mask], 1)
-        model = self._model()
+        model = self.ctx.model
         kwargs = {"want": want, "temperature": self.temperature, "top_k": self.params.top_k,
                   "chunk_size": self.params.chunk_size}
         was_training = model.training
         model.eval()  # no dropout in the teacher's view
         try:
-            if self.params.weights == "initial" and self._shadow is None:
+            if self.params.weights == "initial" and self.shadow is None:
                 with model.disable_adapter():
                     return score_with_causal_lm(model, ids, mask, batch.completion_ids, batch.completion_mask, **kwargs)
-            if self._shadow is not None:
-                with self._shadow_swapped_in(model):
+            if self.shadow is not None:
+                with self.shadow.swapped_in():
                     return score_with_causal_lm(model, ids, mask, batch.completion_ids, batch.completion_mask, **kwargs)
             return score_with_causal_lm(model, ids, mask, batch.completion_ids, batch.completion_mask, **kwargs)
         finally:
@@ -293,86 +254,40 @@ class SelfContextTeacher(Teacher):
     # -- state -------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """With ``weights: ema``: ``ema.<parameter name>`` (the live fp32 averages, not copies, as in torch) and
-        ``ema_updates``."""
+        ``ema_updates``; the reveal schedule's state under ``reveal.``."""
         if self._pending is not None:
             return dict(self._pending)
-        state: dict[str, Any] = {}
-        if self.params.weights == "ema" and self._shadow is not None:
-            state = {f"ema.{n}": t for n, t in self._shadow.items()}
-            state["ema_updates"] = self._ema_updates
-        for k, v in (self._schedule.state_dict() if self._schedule is not None else {}).items():
-            state[f"reveal.{k}"] = v
+        state: dict[str, Any] = super().state_dict()
+        if self.params.weights == "ema" and self.shadow is not None:
+            state.update({f"ema.{n}": t for n, t in self.shadow.tensors.items()})
+            state["ema_updates"] = self.shadow.updates
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
-        unknown = [k for k in state if not (k.startswith(("ema.", "reveal.")) or k == "ema_updates")]
-        if unknown:
-            raise ValueError(f"self_context state has unknown keys {unknown[:5]}")
         ema = {k[len("ema."):]: v for k, v in state.items() if k.startswith("ema.")}
-        if (ema or "ema_updates" in state) and self.params.weights != "ema":
+        own = {k for k in state if k.startswith("ema.") or k == "ema_updates"}
+        if own and self.params.weights != "ema":
             raise ValueError(f"checkpoint holds an EMA teacher, but this teacher has weights: {self.params.weights}")
-        if self.trainer is None:  # not set up yet: applied (and checked against the model) by setup()
-            self._pending = dict(state)
-            return
-        if ema or "ema_updates" in state:
-            self._load_ema(ema, int(state.get("ema_updates", 0)))
-        reveal = {k[len("reveal."):]: v for k, v in state.items() if k.startswith("reveal.")}
-        if reveal:
-            if self._schedule is None:
-                raise ValueError("checkpoint holds reveal-schedule state, but this teacher has no reveal schedule")
-            self._schedule.load_state_dict(reveal)
-
-    def _load_ema(self, ema: dict[str, torch.Tensor], updates: int) -> None:
-        current = self._shadow or {}
-        missing = sorted(set(current) - set(ema))
-        unexpected = sorted(set(ema) - set(current))
-        shapes = [f"{n}: checkpoint {tuple(ema[n].shape)}, model {tuple(current[n].shape)}"
-                  for n in sorted(set(ema) & set(current)) if tuple(ema[n].shape) != tuple(current[n].shape)]
-        if missing or unexpected or shapes:
-            parts = [f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}" if missing else "",
-                     f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}" if unexpected else "",
-                     f"shape mismatch {shapes[:3]}" if shapes else ""]
-            raise ValueError("self_context: the checkpoint's EMA teacher does not match this model's trainable "
-                             "parameters (" + "; ".join(p for p in parts if p) + "); resume with the same model "
-                             "and LoRA settings")
-        with torch.no_grad():
-            for n, t in ema.items():
-                current[n].copy_(t)
-        self._ema_updates = updates
+        rest = {k: v for k, v in state.items() if k not in own}
+        if any(k.startswith("reveal.") for k in rest) and self._schedule is None:
+            raise ValueError("checkpoint holds reveal-schedule state, but this teacher has no reveal schedule")
+        try:
+            super().load_state_dict(rest)
+        except ValueError as exc:
+            raise ValueError(f"self_context state: {exc}") from None
+        if own:
+            if self.shadow is None:  # not set up yet: applied (and checked against the model) by setup()
+                self._pending = {k: state[k] for k in own}
+                return
+            self.shadow.load(ema, int(state.get("ema_updates", 0)))
 
 
-def _ema_callback(teacher: SelfContextTeacher) -> Any:
-    """A ``TrainerCallback`` updating the EMA teacher after every optimizer step: ``on_step_end`` fires once per
-    optimizer step (after gradient accumulation), before that step's checkpoint is saved."""
-    from transformers import TrainerCallback
-
-    class SelfContextEMACallback(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            accelerator = getattr(teacher.trainer, "accelerator", None)
-            if getattr(accelerator, "optimizer_step_was_skipped", False):
-                return  # fp16 overflow: the optimizer did not step
-            teacher.update_ema()
-
-    return SelfContextEMACallback()
-
-
-def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _check_unsharded(trainer: Any) -> None:
+def _check_unsharded(ctx: SetupContext) -> None:
     """The teacher's weights are swapped into the student's parameters, which needs whole (unsharded) tensors."""
-    sharded = bool(getattr(trainer, "is_fsdp_enabled", False))
-    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
-    if getattr(trainer, "is_deepspeed_enabled", False) and getattr(plugin, "zero_stage", 0) == 3:
-        sharded = True
-    if sharded:
+    if ctx.sharded:
         raise OPDError("teacher self_context: weights: ema (and initial without LoRA) is not supported with FSDP or "
                        "DeepSpeed ZeRO-3, because each rank holds only a shard of the parameters; use weights: live, "
                        "LoRA with weights: initial, or DDP")
 
-
-def _is_peft(model: torch.nn.Module) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")

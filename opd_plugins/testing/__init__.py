@@ -23,12 +23,19 @@ from opd_plugins.testing.contracts import (
     TextTeacherContract,
     TokenWeightingContract,
     TrainerContract,
+    build_component,
     contract_for,
+    fake_context,
+    make_inputs,
+    random_pair,
+    teacher_batch,
 )
 from opd_plugins.testing.models import build_tiny_model, build_tokenizer, save_tiny_model
 
 __all__ = [
     "AdvantageContract", "ComponentContract", "DivergenceContract", "RolloutContract", "SamplerContract",
     "ScheduleContract", "TeacherContract", "TokenWeightingContract", "contract_for", "TextTeacherContract",
-    "build_tiny_model", "build_tokenizer", "save_tiny_model",
+    "TaskContract", "TrainerContract",
+    "build_component", "build_tiny_model", "build_tokenizer", "fake_context", "make_inputs", "random_pair",
+    "save_tiny_model", "teacher_batch",
 ]

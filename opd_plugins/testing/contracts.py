@@ -11,7 +11,6 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import pytest
@@ -319,11 +318,18 @@ class AdvantageContract(ComponentContract):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def fake_trainer(model: Any, tokenizer: Any, temperature: float = 1.0) -> Any:
-    """The few trainer attributes a teacher's ``setup`` may read, for testing teachers without training."""
-    accelerator = SimpleNamespace(unwrap_model=lambda m: m, device=torch.device("cpu"))
-    return SimpleNamespace(model=model, processing_class=tokenizer, accelerator=accelerator, temperature=temperature,
-                           chat_template_kwargs={})
+def fake_context(model: Any, tokenizer: Any, temperature: float = 1.0, **fields: Any) -> Any:
+    """A :class:`~opd_plugins.context.SetupContext` without a trainer, for testing components on their own: the
+    model and tokenizer, CPU, the built-in and installed registry; any other field may be given
+    (``log=``, ``progress=``, ``on_optimizer_step=``, ``peers=``, ...)."""
+    from opd_plugins.context import SetupContext
+
+    fields.setdefault("registry", _registry())
+    return SetupContext(model=model, tokenizer=tokenizer, device=torch.device("cpu"), temperature=temperature,
+                        **fields)
+
+
+fake_trainer = fake_context  # the name earlier releases used
 
 
 def teacher_batch(tokenizer: Any, n: int = 3, completion_len: int = 6, seed: int = 0):
@@ -396,7 +402,7 @@ class TeacherContract(ComponentContract):
         from opd_plugins.testing.models import build_tiny_model
 
         comp = build_component(self.component, self.contract_params(str(opd_tiny_model_dir)))
-        comp.setup(fake_trainer(build_tiny_model(opd_tokenizer, seed=0), opd_tokenizer))
+        comp.setup(fake_context(build_tiny_model(opd_tokenizer, seed=0), opd_tokenizer))
         return comp
 
     def test_logprob_shape_dtype_and_mask(self, teacher, opd_tokenizer):

@@ -10,7 +10,9 @@ opd_advantages_computed) ─token_weighting─▶ loss = pg_weight(t)·PG + div_
 TRL override points (trl 1.16, private, hence the pin): ``_generate``, ``_generate_single_turn``,
 ``_calculate_rewards``, ``_generate_and_score_completions``, ``_compute_loss``,
 ``_get_per_token_logps_and_entropies`` (to reuse the policy-gradient forward for the divergence),
-``_save_checkpoint`` / ``_load_optimizer_and_scheduler`` (atomic checkpoints with component state).
+``_save_checkpoint`` / ``_load_optimizer_and_scheduler`` (atomic checkpoints with component state). The phases
+share their data through one :class:`~opd_plugins.trainers.step_state.StepState` (``self.step``); components get
+a :class:`~opd_plugins.context.SetupContext` (:meth:`OPDTrainer.setup_context`), never the trainer.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from trl import GRPOTrainer
 from trl.trainer.utils import is_async_callable
 
 from opd_plugins.advantages.base import AdvantageInputs, degenerate_groups
+from opd_plugins.context import Rollouts, Sampling, SetupContext
 from opd_plugins.correction import combine_stats, importance_weights, weight_advantages
 from opd_plugins.divergences.base import StudentOutputs
 from opd_plugins.errors import ModelLoadError, OPDError, TeacherError
@@ -31,6 +34,8 @@ from opd_plugins.trainers.checkpointing import AtomicCheckpointMixin
 from opd_plugins.trainers.components import Components
 from opd_plugins.trainers.opd_config import OPDConfig
 from opd_plugins.trainers.state import load_component_states, save_component_states
+from opd_plugins.trainers.step_state import StepState
+from opd_plugins.trainers.student import full_vocab_outputs, fused_outputs, loss_mask
 
 
 class OPDTrainer(AtomicCheckpointMixin, GRPOTrainer):
@@ -52,11 +57,8 @@ class OPDTrainer(AtomicCheckpointMixin, GRPOTrainer):
         self.pm = plugin_manager
         self.components = components if components is not None else Components()
         self.recipe = recipe
-        self._rows: list[dict[str, Any]] | None = None
-        self._student_prompts: list[Any] | None = None
-        self._rewards_per_func: torch.Tensor | None = None
-        self._captured_logps: torch.Tensor | None = None
-        self._capture = False
+        self.step = StepState()
+        self._synced_version: int | None = None
         _check_components(self.components)
         # Pure distillation needs no task reward, but TRL requires a reward source: give it a constant one and
         # leave advantages to the divergence.
@@ -72,10 +74,56 @@ class OPDTrainer(AtomicCheckpointMixin, GRPOTrainer):
         if self.components.correction.mode != "none" and self.use_vllm and self.vllm_importance_sampling_correction:
             raise OPDError("correction is set but TRL's own vLLM importance-sampling correction is also on, which "
                            "would weight every token twice; set vllm_importance_sampling_correction=False")
-        self.components.rollout.setup(self)
+        ctx = self.setup_context()
+        self.components.rollout.setup(ctx)
         if self.components.teacher is not None:
-            self.components.teacher.setup(self)
+            self.components.teacher.setup(ctx)
+        self._synced_version = self.state.global_step
         self.pm.call("opd_trainer_init", trainer=self)
+
+    def setup_context(self) -> SetupContext:
+        """What components see of this trainer (see :class:`~opd_plugins.context.SetupContext`)."""
+        from types import MappingProxyType
+
+        return SetupContext(
+            model=self.accelerator.unwrap_model(self.model), tokenizer=self.processing_class,
+            device=self.accelerator.device, temperature=float(self.temperature),
+            chat_template_kwargs=dict(getattr(self, "chat_template_kwargs", None) or {}), registry=self.pm.registry,
+            log=self._log, progress=lambda: (self.state.global_step, self.state.max_steps or 0),
+            on_optimizer_step=self.on_optimizer_step, sharding=self.sharding(),
+            process_index=self.accelerator.process_index, num_processes=self.accelerator.num_processes,
+            max_completion_length=self.max_completion_length, generation_config=getattr(self, "generation_config", None),
+            eos_token_ids=getattr(self, "eos_token_ids", None), pad_to_multiple_of=getattr(self, "pad_to_multiple_of", None),
+            trl_generate=self._trl_generate, peers=MappingProxyType(self.components.named()),
+        )
+
+    def sharding(self) -> str:
+        """``fsdp``, ``deepspeed_zero3``, ``ddp`` or ``none``: how the student's parameters are laid out."""
+        if getattr(self, "is_fsdp_enabled", False):
+            return "fsdp"
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if getattr(self, "is_deepspeed_enabled", False) and getattr(plugin, "zero_stage", 0) == 3:
+            return "deepspeed_zero3"
+        return "ddp" if self.accelerator.num_processes > 1 else "none"
+
+    def on_optimizer_step(self, fn: Any) -> None:
+        """Call ``fn()`` after every optimizer step (after gradient accumulation, before that step's checkpoint is
+        saved; not when an fp16 overflow skipped the step)."""
+        from transformers import TrainerCallback
+
+        accelerator = self.accelerator
+
+        class _AfterOptimizerStep(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                if not getattr(accelerator, "optimizer_step_was_skipped", False):
+                    fn()
+
+        self.add_callback(_AfterOptimizerStep())
+
+    def _trl_generate(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """TRL's own generation path (transformers or vLLM, as configured), for rollout backends built on it."""
+        return GRPOTrainer._generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images=has_tool_images)
 
     def close_components(self) -> None:
         """Call every component's ``close()`` (threads, connections, spawned teacher servers). Each failure is
@@ -106,34 +154,49 @@ class OPDTrainer(AtomicCheckpointMixin, GRPOTrainer):
     # Prompts and rollout
     # ------------------------------------------------------------------------------------------------------
     def _generate(self, prompts: list):
-        rows = self._rows if self._rows is not None and len(self._rows) == len(prompts) else [{} for _ in prompts]
+        rows = self.step.rows if self.step.rows is not None and len(self.step.rows) == len(prompts) \
+            else [{} for _ in prompts]
         prepared = self.components.sampler.prepare(list(prompts), rows, self.state.global_step)
         if len(prepared.prompts) != len(prompts):
             raise OPDError(
                 f"sampler {self.components.sampler.name!r} returned {len(prepared.prompts)} prompts for {len(prompts)}"
             )
         prompts = prepared.prompts
+        self.step.sampler_output = prepared
         self.pm.call("opd_prompts_prepared", trainer=self, prompts=prompts, rows=rows)
-        self._student_prompts = list(prompts)
+        self.step.student_prompts = list(prompts)
         result = super()._generate(prompts)
         prompt_ids, completion_ids, _tool_mask, completions, logprobs = result[:5]
+        versions = self.step.policy_versions or [self.state.global_step] * len(completion_ids)
         self.pm.call("opd_rollout_end", trainer=self, rollout={
             "prompt_ids": prompt_ids, "completion_ids": completion_ids, "completions": completions,
-            "logprobs": logprobs, "policy_version": self.state.global_step,
+            "logprobs": logprobs, "policy_version": min(versions) if versions else self.state.global_step,
         })
         return result
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        return self.components.rollout.generate(
-            self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=has_tool_images
-        )
+        rollout, step = self.components.rollout, self.state.global_step
+        if self._synced_version != step:  # the policy changed since the last rollout
+            rollout.sync_weights(self.accelerator.unwrap_model(self.model), step)
+            self._synced_version = step
+        out = rollout.generate(list(prompt_ids), Sampling(num_generations=num_generations, step=step, images=images,
+                                                          multimodal_fields=multimodal_fields,
+                                                          has_tool_images=has_tool_images))
+        if not isinstance(out, Rollouts):
+            raise OPDError(f"rollout {rollout.name!r} returned {type(out).__name__}, not opd_plugins.context.Rollouts")
+        if len(out.completion_ids) != len(prompt_ids) or (
+                out.behaviour_logps is not None and len(out.behaviour_logps) != len(prompt_ids)):
+            raise OPDError(f"rollout {rollout.name!r} returned {len(out.completion_ids)} completions for "
+                           f"{len(prompt_ids)} prompts")
+        self.step.policy_versions = out.versions()
+        return out.completion_ids, out.behaviour_logps
 
     # ------------------------------------------------------------------------------------------------------
     # Rewards, teacher, advantages
     # ------------------------------------------------------------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._rewards_per_func = rewards_per_func
+        self.step.rewards_per_func = rewards_per_func
         if self._has_rewards:
             self.pm.call("opd_rewards_scored", trainer=self, rewards_per_func=rewards_per_func,
                          reward_names=list(self.reward_func_names))
@@ -146,18 +209,18 @@ class OPDTrainer(AtomicCheckpointMixin, GRPOTrainer):
         )
 
     def _generate_and_score_completions(self, inputs):
-        self._rows = inputs
-        try:
-            out = super()._generate_and_score_completions(inputs)
-        finally:
-            self._rows = None
-        mask = _loss_mask(out)
+        self.step.new_generation_batch(inputs)
+        out = super()._generate_and_score_completions(inputs)
+        mask = loss_mask(out)
         self.apply_correction(out, mask)
         scores = None
         if self._needs_teacher():
             scores = self.score_teacher(out, inputs)
             out.update(scores.to_batch())
-        out.setdefault("policy_version", torch.full((mask.shape[0],), self.state.global_step, device=mask.device))
+        versions = self.step.policy_versions
+        if versions is None or len(versions) != mask.shape[0]:
+            versions = [self.state.global_step] * mask.shape[0]
+        out.setdefault("policy_version", torch.tensor(versions, device=mask.device))
         out["advantages"] = self.compute_advantages(out, inputs, scores, mask)
         self.pm.call("opd_advantages_computed", trainer=self, batch=out, advantages=out["advantages"])
         return out
@@ -191,8 +254,8 @@ class OPDTrainer(AtomicCheckpointMixin, GRPOTrainer):
         c = self.components
         batch = TeacherBatch(
             prompt_ids=out["prompt_ids"], prompt_mask=out["prompt_mask"], completion_ids=out["completion_ids"],
-            completion_mask=_loss_mask(out).to(out["completion_mask"].dtype),
-            prompts=self._student_prompts or [r.get("prompt") for r in rows], rows=list(rows),
+            completion_mask=loss_mask(out).to(out["completion_mask"].dtype),
+            prompts=self.step.student_prompts or [r.get("prompt") for r in rows], rows=list(rows),
         )
         want = c.divergence.requires()
         scores = c.teacher.score(batch, want)
@@ -220,8 +283,8 @@ class OPDTrainer(AtomicCheckpointMixin, GRPOTrainer):
         device = out["completion_ids"].device
         num_gen = self.num_generations if mode == "train" else self.num_generations_eval
         local = slice(self.accelerator.process_index * B, (self.accelerator.process_index + 1) * B)
-        if self._has_rewards and self._rewards_per_func is not None:
-            rpf = self._rewards_per_func
+        if self._has_rewards and self.step.rewards_per_func is not None:
+            rpf = self.step.rewards_per_func
             rewards = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1)
             rewards[torch.isnan(rpf).all(dim=1)] = torch.nan
         else:
@@ -255,7 +318,7 @@ class OPDTrainer(AtomicCheckpointMixin, GRPOTrainer):
                 c.sampler.on_degenerate_groups([rows[i] for i in local_rows], self.state.global_step)
             if mode == "train" and getattr(self.args, "degenerate_groups", "keep") == "drop":
                 self.drop_groups(out, degenerate, num_gen, local)
-                mask = _loss_mask(out)
+                mask = loss_mask(out)
         w_r = self.weight(c.div_reward_weight) if c.divergence is not None else 0.0
         if w_r != 0 and token_reward is not None:
             if advantages.dim() == 1:
@@ -274,7 +337,7 @@ class OPDTrainer(AtomicCheckpointMixin, GRPOTrainer):
                 keep[lo:hi] = False
         out["completion_mask"] = out["completion_mask"] * keep.unsqueeze(1).to(out["completion_mask"].dtype)
         if "num_items_in_batch" in out:
-            out["num_items_in_batch"] = self.accelerator.gather(_loss_mask(out).sum()).sum()
+            out["num_items_in_batch"] = self.accelerator.gather(loss_mask(out).sum()).sum()
         self._log("opd/dropped_completion_frac", float((~keep).float().mean()))
 
     # ------------------------------------------------------------------------------------------------------
@@ -284,9 +347,9 @@ class OPDTrainer(AtomicCheckpointMixin, GRPOTrainer):
         logps, entropies, aux = super()._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
         )
-        if self._capture and torch.is_grad_enabled():
-            self._captured_logps = logps
-            self._capture = False
+        if self.step.capture and torch.is_grad_enabled():
+            self.step.captured_logps = logps
+            self.step.capture = False
         return logps, entropies, aux
 
     def student_outputs(self, model: Any, inputs: dict[str, Any], *, grad: bool = True) -> StudentOutputs:
@@ -294,35 +357,23 @@ class OPDTrainer(AtomicCheckpointMixin, GRPOTrainer):
 
         A divergence with ``fused_lm_head`` (:meth:`~opd_plugins.divergences.base.Divergence.uses_hidden_states`)
         gets no logits but the final hidden states and the lm head; the token log-probs are then computed chunk by
-        chunk from those too, so no ``(B, T, V)`` tensor is made here."""
-        mask = _loss_mask(inputs)
+        chunk from those too, so no ``(B, T, V)`` tensor is made here (:mod:`opd_plugins.trainers.student`)."""
+        mask = loss_mask(inputs)
         divergence = self.components.divergence
         full = divergence is not None and divergence.requires() in ("topk", "full")  # both read student logits
         fused = divergence is not None and divergence.uses_hidden_states()
-        if grad and not full and not fused and self._captured_logps is not None:
-            logps, self._captured_logps = self._captured_logps, None
-            return StudentOutputs(token_logps=logps, mask=mask)
+        if grad and not full and not fused and self.step.captured_logps is not None:
+            return StudentOutputs(token_logps=self.step.take_captured(), mask=mask)
         ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
         am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
-        T = inputs["completion_ids"].shape[1]
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             if fused:
-                from opd_plugins.divergences.base import LMHead
-                from opd_plugins.divergences.chunked import fused_token_logps
-
-                hidden, head = _final_hidden_states(model, self.accelerator.unwrap_model(model), ids, am, T + 1)
-                hidden = hidden[:, :-1]
-                lm_head = LMHead(head.weight, head.bias, self.temperature)
                 chunk = getattr(divergence.params, "chunk_size", 0) or 256
-                logps = fused_token_logps(hidden, head.weight, inputs["completion_ids"], self.temperature, chunk,
-                                          head.bias)
-                return StudentOutputs(token_logps=logps, mask=mask, hidden=hidden, lm_head=lm_head)
+                return fused_outputs(model, self.accelerator.unwrap_model(model), ids, am, inputs["completion_ids"],
+                                     mask, self.temperature, chunk)
             if full:
-                logits = model(input_ids=ids, attention_mask=am, logits_to_keep=T + 1).logits[:, -(T + 1):-1]
-                logits = logits.float() / self.temperature
-                logps = torch.log_softmax(logits, -1).gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
-                return StudentOutputs(token_logps=logps, mask=mask, logits=logits)
-            logps, _, _ = self._get_per_token_logps_and_entropies(model, ids, am, T)
+                return full_vocab_outputs(model, ids, am, inputs["completion_ids"], mask, self.temperature)
+            logps, _, _ = self._get_per_token_logps_and_entropies(model, ids, am, inputs["completion_ids"].shape[1])
             return StudentOutputs(token_logps=logps, mask=mask)
 
     def _token_normalizer(self, inputs: dict[str, Any]) -> torch.Tensor:
@@ -337,14 +388,14 @@ class OPDTrainer(AtomicCheckpointMixin, GRPOTrainer):
         w_pg = self.weight(c.pg_weight)
         w_div = self.weight(c.div_weight) if c.divergence is not None else 0.0
         terms: dict[str, torch.Tensor] = {}
-        self._captured_logps = None
+        self.step.captured_logps = None
         correction = inputs.get("correction_weights")
         if correction is not None:  # w ≥ 0 commutes with PPO's min: equals weighting the per-token PG loss
             inputs = {**inputs, "advantages": weight_advantages(inputs["advantages"], correction)}
         if w_pg != 0 or w_div == 0:
-            self._capture = w_div != 0
+            self.step.capture = w_div != 0
             pg = super()._compute_loss(model, inputs)
-            self._capture = False
+            self.step.capture = False
             terms["policy_gradient"] = w_pg * pg
         if w_div != 0:
             terms["divergence"] = w_div * self.divergence_loss(model, inputs)
@@ -436,72 +487,6 @@ def _checked_reward_func(func: Any, name: str) -> Any:
     wrapper.__name__ = name
     wrapper.__wrapped__ = func
     return wrapper
-
-
-def _final_hidden_states(model: Any, unwrapped: Any, ids: torch.Tensor, attention_mask: torch.Tensor,
-                         keep: int) -> tuple[torch.Tensor, torch.nn.Linear]:
-    """For ``fused_lm_head``: the inputs of the model's output layer at its last ``keep`` positions
-    ``(B, keep, H)`` (with gradient), and that layer.
-
-    ``model`` runs as usual (through any DDP/PEFT wrapper), but a forward pre-hook on the output layer records its
-    input and narrows it to the last position, so the model computes ``(B, 1, V)`` logits instead of
-    ``(B, keep, V)``. Those logits are then checked against ``F.linear`` of the recorded states, which catches
-    soft-capping or rescaling the config does not announce. Refused, with the reason: logit soft-capping or
-    scaling, an output layer that is not a floating-point ``nn.Linear``, a PEFT adapter on it (LoRA on
-    ``lm_head``, or ``lm_head`` in ``modules_to_save``), a sharded weight. Tied embeddings need nothing special:
-    the weight's gradient accumulates into the shared parameter.
-    """
-    what = "fused_lm_head computes the student logits as hidden @ lm_head.weight.T (+ bias)"
-    unset = "; set fused_lm_head: false"
-    config = getattr(unwrapped, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(config, "final_logit_softcapping", None):
-        raise OPDError(f"{what}, but this model soft-caps its logits (final_logit_softcapping="
-                       f"{config.final_logit_softcapping}){unset}")
-    for key in ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier"):
-        if getattr(config, key, None) not in (None, 1, 1.0):
-            raise OPDError(f"{what}, but this model rescales its logits ({key}={getattr(config, key)}){unset}")
-    head = unwrapped.get_output_embeddings() if hasattr(unwrapped, "get_output_embeddings") else None
-    if hasattr(head, "base_layer") or hasattr(head, "original_module"):
-        name = f"{type(head).__module__}.{type(head).__name__}"
-        raise OPDError(f"{what}, but the lm head carries a PEFT adapter ({name}: LoRA on lm_head or lm_head in "
-                       f"modules_to_save); leave lm_head out of the adapter{unset}")
-    if not isinstance(head, torch.nn.Linear):
-        raise OPDError(f"{what}, but the model's output layer is {type(head).__name__}, not a torch.nn.Linear{unset}")
-    if not head.weight.is_floating_point():
-        raise OPDError(f"{what}, but the lm head's weight is {head.weight.dtype} (quantized?){unset}")
-    captured: list[torch.Tensor] = []
-
-    def narrow(module: Any, args: tuple) -> tuple:
-        captured.append(args[0])
-        return (args[0][:, -1:], *args[1:])
-
-    handle = head.register_forward_pre_hook(narrow)
-    try:
-        logits = model(input_ids=ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-    finally:
-        handle.remove()
-    if len(captured) != 1 or captured[0].dim() != 3 or captured[0].shape[1] != keep:
-        raise OPDError(f"{what}, but the model's forward called its output layer {len(captured)} times, not once on "
-                       f"(B, {keep}, H) hidden states{unset}")
-    hidden, weight = captured[0], head.weight
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise OPDError(f"{what}, but the lm head's weight is {tuple(weight.shape)} for hidden size "
-                       f"{hidden.shape[-1]} (sharded by FSDP or ZeRO-3?){unset}")
-    with torch.no_grad():
-        ref = torch.nn.functional.linear(hidden[:, -1:], weight, head.bias).float()
-        diff = float((logits[:, -1:].float() - ref).abs().max()) if logits.shape == ref.shape else float("inf")
-        if not diff <= 1e-2 * float(ref.abs().max()) + 1e-4:
-            raise OPDError(f"{what}, but this model's logits differ from that by up to {diff:.3g}: it post-processes "
-                           f"them (soft-capping or scaling){unset}")
-    return hidden, head
-
-
-def _loss_mask(batch: dict[str, Any]) -> torch.Tensor:
-    mask = batch["completion_mask"].float()
-    if "tool_mask" in batch:
-        mask = mask * batch["tool_mask"].float()
-    return mask
 
 
 def _check_components(c: Components) -> None:

@@ -22,6 +22,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+from opd_plugins.context import Sampling
 from helpers.tiny import even_token_reward, history, prompt_dataset
 
 from opd_plugins.correction import PRESETS, CorrectionSpec, importance_weights
@@ -42,10 +44,10 @@ SETTINGS = {"mild": (1.0, 0.02), "strong": (5.0, 0.02)}  # (sharpness of π, noi
 
 
 def _fake_trainer(model, tokenizer):
-    accelerator = SimpleNamespace(unwrap_model=lambda m: m, device=torch.device("cpu"))
-    return SimpleNamespace(model=model, processing_class=tokenizer, accelerator=accelerator, temperature=1.0,
-                           max_completion_length=2, args=SimpleNamespace(top_k=0, top_p=1.0),
-                           state=SimpleNamespace(global_step=0), eos_token_ids=[tokenizer.eos_token_id])
+    """The rollout backend's setup context, without a trainer."""
+    from opd_plugins.testing import fake_context
+
+    return fake_context(model, tokenizer, max_completion_length=2, eos_token_ids=[tokenizer.eos_token_id])
 
 
 def _reward(tokens, mask):
@@ -124,7 +126,8 @@ def test_correction_reduces_gradient_bias_sampled(setup):      # would hide the 
     torch.manual_seed(0)
     objectives = dict.fromkeys(("naive", "token_tis", "sequence_tis", "icepop"), 0.0)
     for prompt in setup.prompts:
-        completions, logprobs = setup.backend.generate(setup.trainer, [prompt] * n, None, {}, n)
+        out = setup.backend.generate([prompt] * n, Sampling(num_generations=n))
+        completions, logprobs = out.completion_ids, out.behaviour_logps
         ids = torch.zeros(n, 2, dtype=torch.long)
         mask, behaviour = torch.zeros(n, 2), torch.zeros(n, 2)
         for i, (c, lp) in enumerate(zip(completions, logprobs)):

@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 from opd_plugins.errors import OPDError
 from opd_plugins.testing import build_tiny_model, save_tiny_model
 from opd_plugins.trainers import Components
-from opd_plugins.trainers.opd_trainer import _final_hidden_states
+from opd_plugins.trainers.student import final_hidden_states as _final_hidden_states
 
 
 class _Grads(TrainerCallback):

@@ -240,11 +240,20 @@ class TestPerturbedContract(RolloutContract):
     require_registered = False  # registered by opd_plugins.rollout once integrated
 
 
-def fake_trainer(model, tokenizer, *, max_len=5, eos=None, temperature=1.0):
-    accelerator = SimpleNamespace(unwrap_model=lambda m: m, device=torch.device("cpu"))
-    return SimpleNamespace(model=model, processing_class=tokenizer, accelerator=accelerator, temperature=temperature,
-                           max_completion_length=max_len, args=SimpleNamespace(top_k=0, top_p=1.0),
-                           state=SimpleNamespace(global_step=0), eos_token_ids=eos or [tokenizer.eos_token_id])
+def fake_trainer(model, tokenizer, *, max_len=5, eos=None, temperature=1.0, **fields):
+    """A rollout backend's setup context without a trainer."""
+    from opd_plugins.testing import fake_context
+
+    return fake_context(model, tokenizer, temperature, max_completion_length=max_len,
+                        eos_token_ids=eos or [tokenizer.eos_token_id], **fields)
+
+
+def generate(backend, prompts, num_generations, step=0, multimodal_fields=None):
+    from opd_plugins.context import Sampling
+
+    out = backend.generate(prompts, Sampling(num_generations=num_generations, step=step,
+                                             multimodal_fields=multimodal_fields))
+    return out.completion_ids, out.behaviour_logps
 
 
 def prompt_ids(tokenizer, questions=("What is 3 + 4?", "Which number is larger: 31 or 57?")):
@@ -272,7 +281,7 @@ def test_backend_returns_behaviour_logps(opd_tokenizer, policy, noise, shift):
     backend.setup(tr)
     prompts = prompt_ids(opd_tokenizer) * 2
     torch.manual_seed(0)
-    completions, logprobs = backend.generate(tr, prompts, None, {}, num_generations=2)
+    completions, logprobs = generate(backend, prompts, 2)
     assert len(completions) == len(logprobs) == 4
     gaps = []
     for p, c, lp in zip(prompts, completions, logprobs):
@@ -300,7 +309,7 @@ def test_backend_samples_from_the_copy_even_when_trl_patched_the_policy_forward(
     assert "forward" not in vars(backend.behaviour_model)
     prompts = prompt_ids(opd_tokenizer)
     torch.manual_seed(0)
-    completions, logprobs = backend.generate(tr, prompts, None, {}, num_generations=1)
+    completions, logprobs = generate(backend, prompts, 1)
     policy.eval()
     for p, c, lp in zip(prompts, completions, logprobs):
         torch.testing.assert_close(torch.tensor(lp), sampled_logps(backend.behaviour_model, p, c), rtol=0, atol=1e-5)
@@ -313,7 +322,7 @@ def test_backend_stops_at_first_eos(opd_tokenizer, policy):
     backend = PerturbedHFGenerate()
     backend.setup(tr)
     torch.manual_seed(0)
-    completions, logprobs = backend.generate(tr, prompt_ids(opd_tokenizer) * 4, None, {}, num_generations=4)
+    completions, logprobs = generate(backend, prompt_ids(opd_tokenizer) * 4, 4)
     for c, lp in zip(completions, logprobs):
         assert len(c) == len(lp) and 1 <= len(c) <= 8
         assert all(t % 2 == 1 for t in c[:-1]) and (c[-1] % 2 == 0 or len(c) == 8)
@@ -327,16 +336,17 @@ def test_backend_resyncs_with_fresh_noise_when_the_step_changes(opd_tokenizer, p
     p0 = policy.model.norm.weight
     b0 = backend.behaviour_model.model.norm.weight.clone()
     assert 0.004 < (b0 - p0).std().item() < 0.02
-    backend.generate(tr, prompt_ids(opd_tokenizer), None, {}, 1)
+    generate(backend, prompt_ids(opd_tokenizer), 1)
     torch.testing.assert_close(backend.behaviour_model.model.norm.weight, b0)  # same step: no resync
     with torch.no_grad():
         p0.add_(1.0)  # an optimizer step
-    tr.state.global_step = 1
-    backend.generate(tr, prompt_ids(opd_tokenizer), None, {}, 1)
+    backend.sync_weights(policy, 1)  # what the trainer does when the policy has changed
+    generate(backend, prompt_ids(opd_tokenizer), 1, step=1)
     b1 = backend.behaviour_model.model.norm.weight
     assert (b1 - p0).abs().max() < 0.1 and not torch.allclose(b1 - p0, b0 - (p0 - 1.0))
     again = PerturbedHFGenerate(PerturbedHFGenerate.Params(noise_std=0.01, seed=3))
-    again.setup(tr)  # same seed and step: the same noise (reproducible, identical on every rank)
+    again.setup(fake_trainer(policy, opd_tokenizer, max_len=2, progress=lambda: (1, 0)))
+    # same seed and step: the same noise (reproducible, identical on every rank)
     torch.testing.assert_close(again.behaviour_model.model.norm.weight, b1)
     assert not policy.model.norm.weight.grad_fn and backend.behaviour_model is not policy
 
@@ -346,6 +356,6 @@ def test_backend_rejects_images_and_bad_temperature(opd_tokenizer, policy):
     backend = PerturbedHFGenerate(PerturbedHFGenerate.Params(temperature_shift=-1.0))
     backend.setup(tr)
     with pytest.raises(OPDError, match="text-only"):
-        backend.generate(tr, prompt_ids(opd_tokenizer), None, {"pixel_values": torch.zeros(1)}, 1)
+        generate(backend, prompt_ids(opd_tokenizer), 1, multimodal_fields={"pixel_values": torch.zeros(1)})
     with pytest.raises(OPDError, match="not positive"):
-        backend.generate(tr, prompt_ids(opd_tokenizer), None, {}, 1)
+        generate(backend, prompt_ids(opd_tokenizer), 1)

@@ -118,7 +118,7 @@ def test_cached_scores_equal_the_live_teacher(setup_dirs, cache16, topk_dtype):
     tr = trainer_for(student)
     offline = OfflineCacheTeacher(OfflineCacheTeacher.Params(path=str(out), teacher=str(teacher)))
     offline.setup(tr)
-    batch = cached_batch(offline.cache, tr.processing_class.pad_token_id)
+    batch = cached_batch(offline.cache, tr.tokenizer.pad_token_id)
     live = HFModelTeacher(HFModelTeacher.Params(model=str(teacher), top_k=8))
     live.setup(tr)
     got, ref = offline.score(batch, "topk"), live.score(batch, "topk")
@@ -200,26 +200,26 @@ def test_refuses_tokens_not_in_the_cache(setup_dirs, cache16):
     tr = trainer_for(student)
     t = OfflineCacheTeacher(OfflineCacheTeacher.Params(path=str(cache16), teacher=str(teacher)))
     t.setup(tr)
-    batch = cached_batch(t.cache, tr.processing_class.pad_token_id)
+    batch = cached_batch(t.cache, tr.tokenizer.pad_token_id)
     batch.completion_ids[1, 0] = (batch.completion_ids[1, 0] + 1) % 300
     with pytest.raises(TeacherError, match=r"has no scores for these tokens: rows \[1\].*prompt is cached, this "
                                            r"completion is not.*rollout: \{name: replay"):
         t.score(batch)
-    batch = cached_batch(t.cache, tr.processing_class.pad_token_id)
+    batch = cached_batch(t.cache, tr.tokenizer.pad_token_id)
     batch.completion_mask[2, 1:] = 0  # a prefix of a cached completion is another completion
     with pytest.raises(TeacherError, match=r"rows \[2\]"):
         t.score(batch)
-    batch = cached_batch(t.cache, tr.processing_class.pad_token_id)
+    batch = cached_batch(t.cache, tr.tokenizer.pad_token_id)
     batch.prompt_ids[0, -2] = 5
     with pytest.raises(TeacherError, match="prompt is not in the cache either"):
         t.score(batch)
-    batch = cached_batch(t.cache, tr.processing_class.pad_token_id)
+    batch = cached_batch(t.cache, tr.tokenizer.pad_token_id)
     batch.completion_mask[0] = 0  # an all-masked row (a masked truncated completion) needs no scores
     assert t.score(batch).mask[0].sum() == 0
 
 
 def test_refuses_a_rollout_backend_that_does_not_replay_this_cache(tmp_path, setup_dirs, cache16):
-    from types import SimpleNamespace
+    import dataclasses
 
     from opd_plugins.precompute import cache_teacher_batch
     from opd_plugins.rollout import HFGenerate
@@ -228,16 +228,16 @@ def test_refuses_a_rollout_backend_that_does_not_replay_this_cache(tmp_path, set
     root, student, teacher, _ = setup_dirs
     tr = trainer_for(student)
     params = OfflineCacheTeacher.Params(path=str(cache16), teacher=str(teacher))
-    tr.components = SimpleNamespace(rollout=HFGenerate())
+    tr = dataclasses.replace(tr, peers={"rollout": HFGenerate()})
     with pytest.raises(TeacherError, match="rollout backend is 'hf_generate', which samples new ones: set rollout: "
                                            r"\{name: replay"):
         OfflineCacheTeacher(params).setup(tr)
     other = cache_teacher_batch(teacher_batch(build_tokenizer()), teacher, tmp_path / "other")
     assert other["complete"]
-    tr.components = SimpleNamespace(rollout=ReplayRollout(ReplayRollout.Params(path=str(tmp_path / "other"))))
+    tr = dataclasses.replace(tr, peers={"rollout": ReplayRollout(ReplayRollout.Params(path=str(tmp_path / "other")))})
     with pytest.raises(TeacherError, match="a cache of other rollouts"):
         OfflineCacheTeacher(params).setup(tr)
-    tr.components = SimpleNamespace(rollout=ReplayRollout(ReplayRollout.Params(path=str(cache16))))
+    tr = dataclasses.replace(tr, peers={"rollout": ReplayRollout(ReplayRollout.Params(path=str(cache16)))})
     OfflineCacheTeacher(params).setup(tr)
 
 
@@ -319,6 +319,13 @@ def test_resume_after_a_kill_keeps_finished_shards_byte_identical(tmp_path, setu
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def replay_generate(backend, prompt_ids, num_generations):
+    from opd_plugins.context import Sampling
+
+    out = backend.generate(prompt_ids, Sampling(num_generations=num_generations))
+    return out.completion_ids, out.behaviour_logps
+
+
 def test_replay_hands_out_cached_completions_round_robin(setup_dirs, cache16):
     root, student, teacher, rollouts = setup_dirs
     tr = trainer_for(student)
@@ -332,19 +339,19 @@ def test_replay_hands_out_cached_completions_round_robin(setup_dirs, cache16):
     prompts = list(by_prompt)
     assert [len(v) for v in by_prompt.values()] == [3, 2, 3]
     # Two completions cached for prompt 1, four generations asked: c0 c1 c0 c1.
-    ids, logps = replay.generate(tr, [list(prompts[1])] * 4, None, {}, 4)
+    ids, logps = replay_generate(replay, [list(prompts[1])] * 4, 4)
     assert logps is None and ids == [by_prompt[prompts[1]][i] for i in (0, 1, 0, 1)]
     # Three cached, two asked per visit: the next visit continues where the last stopped.
-    first, _ = replay.generate(tr, [list(prompts[0])] * 2, None, {}, 2)
+    first, _ = replay_generate(replay, [list(prompts[0])] * 2, 2)
     state = replay.state_dict()
-    second, _ = replay.generate(tr, [list(prompts[0])] * 2, None, {}, 2)
+    second, _ = replay_generate(replay, [list(prompts[0])] * 2, 2)
     assert first + second == [by_prompt[prompts[0]][i] for i in (0, 1, 2, 0)]
     restored = ReplayRollout(ReplayRollout.Params(path=str(cache16)))
     restored.setup(tr)
     restored.load_state_dict(json.loads(json.dumps(state)))
-    assert restored.generate(tr, [list(prompts[0])] * 2, None, {}, 2)[0] == second
+    assert replay_generate(restored, [list(prompts[0])] * 2, 2)[0] == second
     with pytest.raises(DataError, match="prompt 0 of this batch .* has no cached completions"):
-        replay.generate(tr, [[2, 5, 6]], None, {}, 1)
+        replay_generate(replay, [[2, 5, 6]], 1)
 
 
 def test_cli_entry_point_writes_a_cache(tmp_path, setup_dirs, capsys):

@@ -198,22 +198,22 @@ def test_reveal_renders_a_prefix_of_the_column_following_the_schedule():
     assert t.required_columns() == ("solution", "answer")
     row = {"solution": "a b c d e f g h", "answer": "8"}
     assert t.teacher_prompt("Q", row, reveal_ratio=0.25) == "Q\nReference: a b\nAnswer: 8"
-    trainer = SimpleNamespace(state=SimpleNamespace(global_step=5, max_steps=10))
-    t.trainer = trainer
+    progress = {"step": 5}
+    trainer = SimpleNamespace(progress=lambda: (progress["step"], 10))
+    t.ctx = trainer
     assert t.reveal_ratio() == 0.5
     assert t.teacher_prompt([{"role": "user", "content": "Q"}], row)[0]["content"] == "Q\nReference: a b c d\nAnswer: 8"
-    trainer.state.global_step = 10
+    progress["step"] = 10
     assert t.teacher_prompt("Q", row) == "Q\nReference: a b c d e f g h\nAnswer: 8"
     constant = built(P(template="{prompt} {hint}", reveal_column="hint", reveal=7.0))
-    constant.trainer = trainer
+    constant.ctx = trainer
     assert constant.reveal_ratio() == 1.0  # clamped to [0, 1]
 
 
 def test_reveal_ratio_is_logged_and_changes_teacher_scores(opd_tiny_model, opd_tokenizer):
     batch = teacher_batch(opd_tokenizer)
     logged = []
-    trainer = fake_trainer(opd_tiny_model, opd_tokenizer)
-    trainer._log = lambda name, value: logged.append((name, value))
+    trainer = fake_trainer(opd_tiny_model, opd_tokenizer, log=lambda name, value: logged.append((name, value)))
     scores = {}
     for ratio in (0.0, 1.0):
         t = built(P(reveal_column="hint", reveal=ratio))

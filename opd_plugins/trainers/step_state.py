@@ -1,0 +1,51 @@
+"""What the phases of one training step hand each other inside ``OPDTrainer``.
+
+TRL's ``_generate_and_score_completions`` drives a generation batch and calls back into the trainer's overrides
+(``_generate``, ``_generate_single_turn``, ``_calculate_rewards``); TRL's ``_compute_loss`` drives a micro-batch
+and calls ``_get_per_token_logps_and_entropies``. Those calls do not carry our data, so the phases share it here,
+in one documented object instead of scattered private attributes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class StepState:
+    """Per generation batch (reset when one starts):
+
+    * ``rows``: this rank's dataset rows (``answer``, ``hint``, ...), in prompt order;
+    * ``student_prompts``: the prompts the student generated from, after the sampler;
+    * ``sampler_output``: the sampler's :class:`~opd_plugins.samplers.base.SamplerOutput` for them;
+    * ``rewards_per_func``: ``(N_global, n_funcs)`` task rewards of the whole generation batch;
+    * ``policy_versions``: the optimizer step each of this rank's completions was sampled at (from the rollout).
+
+    Per micro-batch of the loss:
+
+    * ``capture``: the next policy-gradient forward should keep its token log-probs for the divergence term;
+    * ``captured_logps``: those ``(B, T)`` log-probs (with gradient), handed over once.
+    """
+
+    rows: list[dict[str, Any]] | None = None
+    student_prompts: list[Any] | None = None
+    sampler_output: Any = None
+    rewards_per_func: torch.Tensor | None = None
+    policy_versions: list[int] | None = None
+    capture: bool = False
+    captured_logps: torch.Tensor | None = None
+
+    def new_generation_batch(self, rows: list[dict[str, Any]]) -> None:
+        """Forget the previous generation batch's data; keep this one's rows."""
+        self.rows, self.student_prompts, self.sampler_output = rows, None, None
+        self.rewards_per_func = self.policy_versions = None
+
+    def take_captured(self) -> torch.Tensor | None:
+        logps, self.captured_logps = self.captured_logps, None
+        return logps
+
+
+__all__ = ["StepState"]
