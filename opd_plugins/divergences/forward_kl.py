@@ -4,7 +4,29 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from opd_plugins.divergences.chunked import FullVocabDivergence, FullVocabParams
+import torch
+
+from opd_plugins.divergences.full_vocab import FullVocabDivergence, FullVocabFormula, FullVocabParams, xdiff
+
+
+class ForwardKLFormula(FullVocabFormula):
+    """KL(t ‖ s) = Σ t (log t − log s); f(r) = r log r."""
+
+    name = "forward_kl"
+
+    def value(self, s_lp: torch.Tensor, t_lp: torch.Tensor) -> torch.Tensor:
+        return xdiff(t_lp, t_lp, s_lp).sum(-1)
+
+    def logit_grad(self, s_lp: torch.Tensor, t_lp: torch.Tensor) -> torch.Tensor:
+        t = t_lp.exp()
+        return s_lp.exp() * t.sum(-1, keepdim=True) - t  # g = −t/s projected: s − t (for normalised t)
+
+    def sampled_reward(self, log_r: torch.Tensor, form: str = "score") -> torch.Tensor:
+        r = log_r.exp()
+        return r - 1 if form == "score" else -(r * log_r - (r - 1))
+
+
+FORWARD_KL = ForwardKLFormula()
 
 
 class ForwardKL(FullVocabDivergence):
@@ -32,5 +54,5 @@ class ForwardKL(FullVocabDivergence):
     class Params(FullVocabParams):
         pass
 
-    def kind_and_coef(self) -> tuple[str, float]:
-        return "forward_kl", 0.0
+    def formula(self) -> FullVocabFormula:
+        return FORWARD_KL

@@ -6,7 +6,36 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from opd_plugins.divergences.chunked import FullVocabDivergence, FullVocabParams
+import torch
+
+from opd_plugins.divergences.forward_kl import FORWARD_KL
+from opd_plugins.divergences.full_vocab import FullVocabDivergence, FullVocabFormula, FullVocabParams, safe_log, xdiff
+from opd_plugins.divergences.reverse_kl import REVERSE_KL
+
+
+class JSDFormula(FullVocabFormula):
+    """β·KL(t ‖ m) + (1 − β)·KL(s ‖ m), m = (1 − β)·s + β·t (0 < β < 1); f(r) = β r log(r/u) − (1 − β) log u with
+    u = 1 − β + β r, f'(1) = 0."""
+
+    name = "jsd"
+
+    def __init__(self, beta: float) -> None:
+        self.beta = beta
+
+    def _log_m(self, s_lp: torch.Tensor, t_lp: torch.Tensor) -> torch.Tensor:
+        return torch.logaddexp(s_lp + safe_log(1 - self.beta), t_lp + safe_log(self.beta))
+
+    def value(self, s_lp: torch.Tensor, t_lp: torch.Tensor) -> torch.Tensor:
+        lm, b = self._log_m(s_lp, t_lp), self.beta
+        return b * xdiff(t_lp, t_lp, lm).sum(-1) + (1 - b) * xdiff(s_lp, s_lp, lm).sum(-1)
+
+    def probability_grad(self, s_lp: torch.Tensor, t_lp: torch.Tensor) -> torch.Tensor:
+        return (1 - self.beta) * (s_lp - self._log_m(s_lp, t_lp))
+
+    def sampled_reward(self, log_r: torch.Tensor, form: str = "score") -> torch.Tensor:
+        b, r = self.beta, log_r.exp()
+        log_u = torch.log1p(b * (r - 1))
+        return (1 - b) * log_u if form == "score" else -(b * r * (log_r - log_u) - (1 - b) * log_u)
 
 
 class JSD(FullVocabDivergence):
@@ -38,10 +67,10 @@ class JSD(FullVocabDivergence):
         beta: float = Field(0.5, ge=0.0, le=1.0, description="Interpolation β in [0, 1]: 0 = forward KL, 1 = reverse "
                                                               "KL, otherwise the generalized JSD (TRL's convention).")
 
-    def kind_and_coef(self) -> tuple[str, float]:
+    def formula(self) -> FullVocabFormula:
         beta = self.params.beta
         if beta == 0:
-            return "forward_kl", 0.0
+            return FORWARD_KL
         if beta == 1:
-            return "reverse_kl", 0.0
-        return "jsd", beta
+            return REVERSE_KL
+        return JSDFormula(beta)

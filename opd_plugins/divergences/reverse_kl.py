@@ -9,8 +9,26 @@ from pydantic import Field, model_validator
 
 from opd_plugins.components import ComponentParams
 from opd_plugins.divergences.base import Divergence, DivergenceTerms, StudentOutputs
-from opd_plugins.divergences.chunked import check_fused_params, student_divergence
+from opd_plugins.divergences.full_vocab import FullVocabFormula, check_fused_params, student_divergence, xdiff
 from opd_plugins.teachers.base import Capability, TeacherScores
+
+
+class ReverseKLFormula(FullVocabFormula):
+    """KL(s ‖ t) = Σ s (log s − log t); f(r) = −log r."""
+
+    name = "reverse_kl"
+
+    def value(self, s_lp: torch.Tensor, t_lp: torch.Tensor) -> torch.Tensor:
+        return xdiff(s_lp, s_lp, t_lp).sum(-1)
+
+    def probability_grad(self, s_lp: torch.Tensor, t_lp: torch.Tensor) -> torch.Tensor:
+        return s_lp - t_lp  # (+1, which the softmax projection removes)
+
+    def sampled_reward(self, log_r: torch.Tensor, form: str = "score") -> torch.Tensor:
+        return log_r if form == "score" else -(log_r.exp() - 1 - log_r)
+
+
+REVERSE_KL = ReverseKLFormula()
 
 
 class ReverseKL(Divergence):
@@ -22,8 +40,8 @@ class ReverseKL(Divergence):
     position (a loss of ``log π_s − log π_t`` alone would have zero expected gradient). As a reward it is
     ``−(log π_s(x_t) − log π_t(x_t))``, which depends on the sampled token as the policy gradient requires.
     ``estimator: full`` computes ``Σ_v π_s(v)(log π_s(v) − log π_t(v))`` exactly from full-vocabulary log-probs
-    and differentiates it directly, ``chunk_size`` tokens at a time through the recomputing kernel of
-    :mod:`~opd_plugins.divergences.chunked` (0 = all at once, plain autograd; same values and gradients);
+    and differentiates it directly, ``chunk_size`` tokens at a time through the shared recomputing kernel of
+    :mod:`~opd_plugins.divergences._kernels` (0 = all at once, plain autograd; same values and gradients);
     ``fused_lm_head: true`` computes the student logits there too, chunk by chunk from the final hidden states.
     Paper: Agarwal et al. (GKD), https://arxiv.org/abs/2306.13649; Thinking Machines, "On-Policy Distillation".
     """
@@ -56,7 +74,7 @@ class ReverseKL(Divergence):
     def per_token(self, student: StudentOutputs, teacher: TeacherScores) -> DivergenceTerms:
         mask = student.mask * teacher.mask
         if self.params.estimator == "full":
-            kl = student_divergence(self.name, student, teacher, "reverse_kl", 0.0, self.params.chunk_size) * mask
+            kl = student_divergence(self.name, student, teacher, REVERSE_KL, self.params.chunk_size) * mask
             return DivergenceTerms(loss=kl, value=kl.detach())
         log_ratio = ((student.token_logps - teacher.token_logps) * mask).detach()
         return DivergenceTerms(loss=log_ratio * student.token_logps * mask, value=log_ratio)

@@ -6,7 +6,60 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from opd_plugins.divergences.chunked import FullVocabDivergence, FullVocabParams
+import torch
+
+from opd_plugins.divergences.full_vocab import FullVocabDivergence, FullVocabFormula, FullVocabParams, safe_log, xdiff
+
+
+class SkewForwardKLFormula(FullVocabFormula):
+    """SKL: KL(t ‖ α·t + (1 − α)·s); f(r) = r log(r/u), u = α r + 1 − α, f'(1) = 1 − α."""
+
+    name = "skew_forward_kl"
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+
+    def _log_m(self, s_lp: torch.Tensor, t_lp: torch.Tensor) -> torch.Tensor:
+        return torch.logaddexp(t_lp + safe_log(self.alpha), s_lp + safe_log(1 - self.alpha))
+
+    def value(self, s_lp: torch.Tensor, t_lp: torch.Tensor) -> torch.Tensor:
+        return xdiff(t_lp, t_lp, self._log_m(s_lp, t_lp)).sum(-1)
+
+    def probability_grad(self, s_lp: torch.Tensor, t_lp: torch.Tensor) -> torch.Tensor:
+        return -(1 - self.alpha) * (t_lp - self._log_m(s_lp, t_lp)).exp()  # −(1 − α)·t/m
+
+    def sampled_reward(self, log_r: torch.Tensor, form: str = "score") -> torch.Tensor:
+        a, r = self.alpha, log_r.exp()
+        u = a * r + (1 - a)
+        if form == "score":
+            return (1 - a) * (r / u - 1)
+        return -(r * (log_r - u.log()) - (1 - a) * (r - 1))
+
+
+class SkewReverseKLFormula(FullVocabFormula):
+    """SRKL: KL(s ‖ α·s + (1 − α)·t); f(r) = −log w, w = α + (1 − α) r, f'(1) = −(1 − α)."""
+
+    name = "skew_reverse_kl"
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+
+    def _log_m(self, s_lp: torch.Tensor, t_lp: torch.Tensor) -> torch.Tensor:
+        return torch.logaddexp(s_lp + safe_log(self.alpha), t_lp + safe_log(1 - self.alpha))
+
+    def value(self, s_lp: torch.Tensor, t_lp: torch.Tensor) -> torch.Tensor:
+        return xdiff(s_lp, s_lp, self._log_m(s_lp, t_lp)).sum(-1)
+
+    def probability_grad(self, s_lp: torch.Tensor, t_lp: torch.Tensor) -> torch.Tensor:
+        log_s_over_m = s_lp - self._log_m(s_lp, t_lp)
+        return log_s_over_m - self.alpha * log_s_over_m.exp()  # log(s/m) + 1 − α·s/m (constant dropped)
+
+    def sampled_reward(self, log_r: torch.Tensor, form: str = "score") -> torch.Tensor:
+        a, r = self.alpha, log_r.exp()
+        w = a + (1 - a) * r
+        if form == "score":
+            return w.log() - (1 - a) * (r / w - 1)
+        return -(-w.log() + (1 - a) * (r - 1))
 
 
 class SkewKL(FullVocabDivergence):
@@ -39,5 +92,6 @@ class SkewKL(FullVocabDivergence):
             "forward", description="forward: KL(teacher ‖ α·teacher + (1 − α)·student) (SKL); "
                                    "reverse: KL(student ‖ α·student + (1 − α)·teacher) (SRKL).")
 
-    def kind_and_coef(self) -> tuple[str, float]:
-        return f"skew_{self.params.direction}_kl", self.params.alpha
+    def formula(self) -> FullVocabFormula:
+        cls = SkewForwardKLFormula if self.params.direction == "forward" else SkewReverseKLFormula
+        return cls(self.params.alpha)

@@ -4,7 +4,28 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from opd_plugins.divergences.chunked import FullVocabDivergence, FullVocabParams
+import torch
+
+from opd_plugins.divergences.full_vocab import FullVocabDivergence, FullVocabFormula, FullVocabParams
+
+
+class TVFormula(FullVocabFormula):
+    """½ Σ |s − t|; f(r) = ½|r − 1| (subgradient 0 at r = 1)."""
+
+    name = "tv"
+
+    def value(self, s_lp: torch.Tensor, t_lp: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (s_lp.exp() - t_lp.exp()).abs().sum(-1)
+
+    def probability_grad(self, s_lp: torch.Tensor, t_lp: torch.Tensor) -> torch.Tensor:
+        return 0.5 * torch.sign(s_lp.exp() - t_lp.exp())
+
+    def sampled_reward(self, log_r: torch.Tensor, form: str = "score") -> torch.Tensor:
+        r = log_r.exp()
+        return 0.5 * torch.sign(r - 1) if form == "score" else -0.5 * (r - 1).abs()
+
+
+TOTAL_VARIATION = TVFormula()
 
 
 class TV(FullVocabDivergence):
@@ -31,5 +52,5 @@ class TV(FullVocabDivergence):
     class Params(FullVocabParams):
         pass
 
-    def kind_and_coef(self) -> tuple[str, float]:
-        return "tv", 0.0
+    def formula(self) -> FullVocabFormula:
+        return TOTAL_VARIATION

@@ -7,6 +7,7 @@ in seconds. Built-in components and third-party plugins run the very same checks
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -144,7 +145,8 @@ class ComponentContract:
         module = self.component.__module__.rsplit(".", 1)[0] if "." in self.component.__module__ else self.component.__module__
         if module not in _IMPORT_CHECKS:
             code = f"import sys, importlib; importlib.import_module({module!r}); print('vllm' in sys.modules)"
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # test modules too
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
             assert out.returncode == 0, out.stderr[-2000:]
             _IMPORT_CHECKS[module] = out.stdout.strip()
         assert _IMPORT_CHECKS[module] == "False", f"importing {module} imports vllm"

@@ -33,7 +33,7 @@ def fused_outputs(model: Any, unwrapped: Any, ids: torch.Tensor, attention_mask:
                   completion_ids: torch.Tensor, mask: torch.Tensor, temperature: float, chunk: int) -> StudentOutputs:
     """Final hidden states ``(B, T, H)`` and the output layer instead of logits; the token log-probs computed chunk
     by chunk from them (no ``(B, T, V)`` tensor)."""
-    from opd_plugins.divergences.chunked import fused_token_logps
+    from opd_plugins.divergences._kernels import fused_token_logps
 
     T = completion_ids.shape[1]
     hidden, head = final_hidden_states(model, unwrapped, ids, attention_mask, T + 1)
