@@ -1,10 +1,13 @@
 """Plugin overhead: the same tiny-model GRPO configuration through plain TRL and through opd_plugins.
 
 Step times are measured in one process, in interleaved rounds (TRL, OPD, OPD, TRL, ...), skipping each run's
-first step (warm-up); the ratio of medians is the overhead. Peak memory (max RSS) is measured in two separate
-child processes, one per trainer, so they do not share a high-water mark.
+first step (warm-up); the ratio of medians is the overhead. Both wall time and CPU time per step (the process's,
+all threads: ``time.process_time``) are measured, since CPU time is steadier when the machine is not perfectly
+quiet; each round (same seed for both trainers, so the same samples) gives one ratio, and their median and spread
+are reported. Peak memory (max RSS) is measured in two separate child processes, one per trainer, so they do not
+share a high-water mark.
 
-    OMP_NUM_THREADS=2 python benchmarks/plugin_overhead.py [--rounds 6 --steps 6 --hidden 256 --layers 4]
+    OMP_NUM_THREADS=2 python benchmarks/plugin_overhead.py [--rounds 10 --steps 10 --hidden 256 --layers 4]
 """
 
 from __future__ import annotations
@@ -41,14 +44,14 @@ def build(kind: str, out: str, steps: int, hidden: int, layers: int, seed: int =
     common = dict(output_dir=out, max_steps=steps, per_device_train_batch_size=8, num_generations=4,
                   max_completion_length=32, learning_rate=1e-4, logging_steps=1, report_to="none",
                   save_strategy="no", bf16=False, use_cpu=True, seed=seed, disable_tqdm=True, loss_type="dapo")
-    times: list[float] = []
+    times: list[tuple[float, float]] = []  # (wall s, CPU s) per optimizer step
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.t = time.perf_counter()
+            self.t, self.c = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t)
+            times.append((time.perf_counter() - self.t, time.process_time() - self.c))
 
     model = build_tiny_model(tok, seed=seed, hidden=hidden, layers=layers)
     if kind == "trl":
@@ -67,13 +70,13 @@ def child(kind: str, steps: int, hidden: int, layers: int) -> None:
         tr, times = build(kind, out, steps, hidden, layers)
         tr.train()
     print(json.dumps({"kind": kind, "max_rss_mib": peak_rss_mib(),
-                      "median_step_s": statistics.median(times[1:])}))
+                      "median_step_s": statistics.median(t for t, _ in times[1:])}))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--child", choices=["trl", "opd"], help=argparse.SUPPRESS)
@@ -84,25 +87,39 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    per_kind: dict[str, list[float]] = {"trl": [], "opd": []}
+    per_kind: dict[str, list[tuple[float, float]]] = {"trl": [], "opd": []}
+    ratios: dict[str, list[float]] = {"wall": [], "cpu": []}
     with tempfile.TemporaryDirectory() as out:
         for r in range(a.rounds):
             order = ("trl", "opd") if r % 2 == 0 else ("opd", "trl")
+            medians = {}
             for kind in order:
                 tr, times = build(kind, out, a.steps, a.hidden, a.layers, seed=r)
                 tr.train()
                 per_kind[kind] += times[1:]
-                print(f"round {r} {kind}: median {statistics.median(times[1:]) * 1000:.1f} ms/step", flush=True)
-    med = {k: statistics.median(v) for k, v in per_kind.items()}
+                medians[kind] = (statistics.median(t for t, _ in times[1:]), statistics.median(c for _, c in times[1:]))
+                print(f"round {r} {kind}: median {medians[kind][0] * 1000:.1f} ms/step wall, "
+                      f"{medians[kind][1] * 1000:.1f} ms/step CPU", flush=True)
+            ratios["wall"].append(medians["opd"][0] / medians["trl"][0])
+            ratios["cpu"].append(medians["opd"][1] / medians["trl"][1])
+    med = {k: (statistics.median(t for t, _ in v), statistics.median(c for _, c in v)) for k, v in per_kind.items()}
     mem = {}
     for kind in ("trl", "opd"):
         res = subprocess.run([sys.executable, __file__, "--child", kind, "--steps", str(a.steps), "--hidden",
                               str(a.hidden), "--layers", str(a.layers)], capture_output=True, text=True, check=True)
         mem[kind] = json.loads(res.stdout.strip().splitlines()[-1])["max_rss_mib"]
+
+    def spread(values: list[float]) -> dict[str, float]:
+        q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
+        return {"median": round(statistics.median(values), 4), "q1": round(q[0], 4), "q3": round(q[2], 4),
+                "min": round(min(values), 4), "max": round(max(values), 4)}
+
     result = {
         "steps_measured": {k: len(v) for k, v in per_kind.items()},
-        "median_step_ms": {k: round(v * 1000, 2) for k, v in med.items()},
-        "ratio_opd_over_trl": round(med["opd"] / med["trl"], 4),
+        "median_step_ms": {k: {"wall": round(v[0] * 1000, 2), "cpu": round(v[1] * 1000, 2)} for k, v in med.items()},
+        "ratio_opd_over_trl": {"wall": round(med["opd"][0] / med["trl"][0], 4),
+                               "cpu": round(med["opd"][1] / med["trl"][1], 4)},
+        "per_round_ratio": {k: spread(v) for k, v in ratios.items()},
         "max_rss_mib": {k: round(v, 1) for k, v in mem.items()},
         "config": vars(a), "threads": torch.get_num_threads(),
     }

@@ -85,7 +85,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     from opd_plugins.components import KINDS
     from opd_plugins.manager import get_plugin_manager
 
-    registry = get_plugin_manager().registry
+    pm = get_plugin_manager(strict=False)  # a broken installed plugin is shown, not fatal
+    registry = pm.registry
     kinds = [args.kind] if args.kind else list(KINDS)
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
@@ -95,8 +96,9 @@ def cmd_list(args: argparse.Namespace) -> int:
                for e in registry.entries(kind)]
         for kind in kinds
     }
+    broken = [{"plugin": name, "error": error} for name, error in pm.broken.items()]
     if args.json:
-        print(json.dumps(data, indent=1))
+        print(json.dumps({**data, "broken": broken} if broken else data, indent=1))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -111,6 +113,13 @@ def cmd_list(args: argparse.Namespace) -> int:
             table.add_row(e["name"], e["dist"], e["doc"])
         if not entries:
             table.add_row("-", "-", "(none registered)")
+        console.print(table)
+    if broken:
+        table = Table(title="broken plugins (not loaded)", title_justify="left", style="red", expand=False)
+        table.add_column("plugin", style="bold")
+        table.add_column("error", overflow="fold", max_width=100)
+        for b in broken:
+            table.add_row(b["plugin"], b["error"])
         console.print(table)
     return 0
 

@@ -5,8 +5,11 @@ arguments over time but never lose them: an implementation takes only the argume
 
 Return semantics follow the name:
 ``opd_register_*`` results are concatenated; ``opd_<object>_<event>`` hooks are notifications whose return
-value is ignored (they may edit the mutable objects they receive, as documented); hooks that return
-contributions (``opd_loss_terms``, ``opd_step_metrics``) have every non-None result merged.
+value is ignored; ``opd_modify_*`` hooks may edit, in place, the objects they receive (pytest's ``…_modifyitems``);
+hooks that return contributions (``opd_loss_terms``, ``opd_step_metrics``) have every non-None result merged.
+
+The types below are imported for type checkers only: ``trainer`` is an
+:class:`~opd_plugins.trainers.OPDTrainer` (or a trainer variant's own trainer, e.g. SODA's ``DPOTrainer``).
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ from opd_plugins.markers import PROJECT
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+    from transformers import Trainer
 
     from opd_plugins.components import Component
+    from opd_plugins.teachers.base import TeacherScores
+    from opd_plugins.trainers import OPDTrainer
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 
@@ -50,13 +56,27 @@ def opd_register_components() -> list[type[Component]]:
 
 
 @hookspec
-def opd_trainer_init(trainer: Any) -> None:
+def opd_trainer_init(trainer: Trainer) -> None:
     """The trainer has been built: components resolved, models and teacher ready.
 
-    :param trainer: the :class:`~opd_plugins.trainers.OPDTrainer` (its ``components`` and ``recipe`` are set).
+    :param trainer: the :class:`~opd_plugins.trainers.OPDTrainer` (its ``components`` and ``recipe`` are set), or
+        the trainer of another variant (SODA: a ``DPOTrainer``; its ``components`` is a ``{name: component}`` dict).
     :returns: nothing (notification).
 
-    Called: once, at the end of ``OPDTrainer.__init__``, on all ranks.
+    Called: once, at the end of the trainer's ``__init__``, on all ranks, by every trainer variant.
+    """
+
+
+@hookspec
+def opd_train_end(trainer: Trainer) -> None:
+    """Training has finished: every step is done and the last checkpoint written (``final/`` and the held-out
+    evaluation come after).
+
+    :param trainer: the trainer (as in :func:`opd_trainer_init`).
+    :returns: nothing (notification).
+
+    Called: once, at the end of ``trainer.train()`` when it returns normally, on all ranks, by every trainer
+    variant.
     """
 
 
@@ -66,22 +86,38 @@ def opd_trainer_init(trainer: Any) -> None:
 
 
 @hookspec
-def opd_prompts_prepared(trainer: Any, prompts: list[Any], rows: list[dict[str, Any]]) -> None:
-    """The sampler has prepared this batch's prompts; the rollout is next.
+def opd_modify_prompts(trainer: OPDTrainer, prompts: list[Any], rows: list[dict[str, Any]]) -> None:
+    """Edit this batch's prompts in place before the rollout (after the sampler has prepared them).
 
     :param trainer: the trainer.
     :param prompts: the prepared prompts (conversational message lists or strings), one per completion to
-        generate. The list may be edited in place (for example to add a system message).
+        generate; edit the list (or its messages) in place, e.g. to add a system message. Its length must not change.
     :param rows: the dataset rows the prompts come from (same order), read-only.
-    :returns: nothing (notification).
+    :returns: nothing (edits in place).
 
     Called: once per generation batch (every ``steps_per_generation`` optimizer steps), on all ranks, with
-    that rank's prompts.
+    that rank's prompts, before :func:`opd_prompts_prepared`.
     """
 
 
 @hookspec
-def opd_rollout_end(trainer: Any, rollout: dict[str, Any]) -> None:
+def opd_prompts_prepared(trainer: OPDTrainer, prompts: list[Any], rows: list[dict[str, Any]]) -> None:
+    """The prompts of this batch are final; the rollout is next.
+
+    :param trainer: the trainer.
+    :param prompts: the prompts (conversational message lists or strings), one per completion to generate.
+        Read-only: edit them in :func:`opd_modify_prompts` (edits made here still take effect in this release,
+        not in the next).
+    :param rows: the dataset rows the prompts come from (same order), read-only.
+    :returns: nothing (notification).
+
+    Called: once per generation batch (every ``steps_per_generation`` optimizer steps), on all ranks, with
+    that rank's prompts, after :func:`opd_modify_prompts`.
+    """
+
+
+@hookspec
+def opd_rollout_end(trainer: OPDTrainer, rollout: dict[str, Any]) -> None:
     """Completions have been generated.
 
     :param trainer: the trainer.
@@ -95,7 +131,7 @@ def opd_rollout_end(trainer: Any, rollout: dict[str, Any]) -> None:
 
 
 @hookspec
-def opd_rewards_scored(trainer: Any, rewards_per_func: torch.Tensor, reward_names: list[str]) -> None:
+def opd_rewards_scored(trainer: OPDTrainer, rewards_per_func: torch.Tensor, reward_names: list[str]) -> None:
     """Reward functions have scored the completions of the whole (global) generation batch.
 
     :param trainer: the trainer.
@@ -108,7 +144,7 @@ def opd_rewards_scored(trainer: Any, rewards_per_func: torch.Tensor, reward_name
 
 
 @hookspec
-def opd_teacher_scored(trainer: Any, batch: dict[str, Any], scores: Any) -> None:
+def opd_teacher_scored(trainer: OPDTrainer, batch: dict[str, Any], scores: TeacherScores) -> None:
     """The teacher has scored this rank's completions.
 
     :param trainer: the trainer.
@@ -122,33 +158,48 @@ def opd_teacher_scored(trainer: Any, batch: dict[str, Any], scores: Any) -> None
 
 
 @hookspec
-def opd_degenerate_groups(trainer: Any, groups: list[int], rewards: torch.Tensor) -> None:
+def opd_degenerate_groups(trainer: OPDTrainer, groups: list[int], rewards: torch.Tensor) -> None:
     """Some groups of completions of the same prompt all got the same reward (they carry no signal).
 
     :param trainer: the trainer.
     :param groups: indices of the degenerate groups in the global generation batch.
     :param rewards: ``(N_global,)`` total rewards of the global generation batch.
-    :returns: nothing (notification). Samplers use it to add hints or prefixes next time.
+    :returns: nothing (notification). (The recipe's sampler is told too, through its own
+        ``on_degenerate_groups``, with the groups' rows and rewards.)
 
     Called: once per generation batch in which at least one group is degenerate, on all ranks.
     """
 
 
 @hookspec
-def opd_advantages_computed(trainer: Any, batch: dict[str, Any], advantages: torch.Tensor) -> None:
-    """Advantages are computed for this rank's completions.
+def opd_modify_advantages(trainer: OPDTrainer, batch: dict[str, Any], advantages: torch.Tensor) -> None:
+    """Edit this rank's advantages in place before they reach the loss.
 
     :param trainer: the trainer.
-    :param batch: the generation batch.
-    :param advantages: ``(B,)`` or ``(B, T)`` tensor; may be edited in place.
-    :returns: nothing (notification).
+    :param batch: the generation batch (read-only).
+    :param advantages: ``(B,)`` or ``(B, T)`` tensor; edit it in place (its shape must not change).
+    :returns: nothing (edits in place).
 
-    Called: once per generation batch, on all ranks.
+    Called: once per generation batch, on all ranks, before :func:`opd_advantages_computed`.
     """
 
 
 @hookspec
-def opd_loss_terms(trainer: Any, inputs: dict[str, Any], terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+def opd_advantages_computed(trainer: OPDTrainer, batch: dict[str, Any], advantages: torch.Tensor) -> None:
+    """Advantages are final for this rank's completions.
+
+    :param trainer: the trainer.
+    :param batch: the generation batch.
+    :param advantages: ``(B,)`` or ``(B, T)`` tensor. Read-only: edit it in :func:`opd_modify_advantages` (edits
+        made here still take effect in this release, not in the next).
+    :returns: nothing (notification).
+
+    Called: once per generation batch, on all ranks, after :func:`opd_modify_advantages`.
+    """
+
+
+@hookspec
+def opd_loss_terms(trainer: OPDTrainer, inputs: dict[str, Any], terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     """Contribute extra loss terms.
 
     :param trainer: the trainer.
@@ -163,7 +214,7 @@ def opd_loss_terms(trainer: Any, inputs: dict[str, Any], terms: dict[str, torch.
 
 
 @hookspec
-def opd_step_metrics(trainer: Any, inputs: dict[str, Any], mode: str) -> dict[str, float] | None:
+def opd_step_metrics(trainer: OPDTrainer, inputs: dict[str, Any], mode: str) -> dict[str, float] | None:
     """Contribute metrics for this micro-batch; they are averaged and logged with the trainer's own.
 
     :param trainer: the trainer.
@@ -181,7 +232,7 @@ def opd_step_metrics(trainer: Any, inputs: dict[str, Any], mode: str) -> dict[st
 
 
 @hookspec
-def opd_checkpoint_save(trainer: Any, checkpoint_dir: str) -> None:
+def opd_checkpoint_save(trainer: Trainer, checkpoint_dir: str) -> None:
     """A checkpoint is being written: save plugin state that must survive a restart into ``checkpoint_dir``.
 
     Component state (``state_dict()``) is saved by the trainer itself; this hook is for other plugin state.
@@ -195,7 +246,7 @@ def opd_checkpoint_save(trainer: Any, checkpoint_dir: str) -> None:
 
 
 @hookspec
-def opd_checkpoint_load(trainer: Any, checkpoint_dir: str) -> None:
+def opd_checkpoint_load(trainer: Trainer, checkpoint_dir: str) -> None:
     """Training resumes from ``checkpoint_dir``: restore what ``opd_checkpoint_save`` wrote.
 
     :param trainer: the trainer.

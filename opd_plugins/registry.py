@@ -82,6 +82,12 @@ class ComponentRegistry:
             )
         self._entries[cls.kind][cls.name] = Entry(cls, plugin)
 
+    def forget(self, plugin: PluginInfo) -> None:
+        """Drop every component a plugin registered (a plugin whose registration failed half-way)."""
+        for entries in self._entries.values():
+            for name in [n for n, e in entries.items() if e.plugin.name == plugin.name]:
+                del entries[name]
+
     def get(self, kind: str, name: str) -> type[Component]:
         return self.entry(kind, name).cls
 

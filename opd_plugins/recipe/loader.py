@@ -141,27 +141,35 @@ def validate_recipe(raw: dict[str, Any], source: str = "<recipe>", pm: Any = Non
         problems.extend(pydantic_problems(exc, Recipe))
         recipe = None
 
-    # Plugins: built-ins and entry points, then the recipe's own modules.
+    # Plugins: built-ins and entry points, then the recipe's own modules (their hooks checked once, together).
     if pm is None:
         try:
             pm = get_plugin_manager()
-        except PluginLoadError as exc:
+        except PluginLoadError as exc:  # an installed plugin: not the recipe's, so no YAML key
             raise RecipeError([Problem("", str(exc))], source) from None
     recipe_plugins = []
+    index: dict[str, int] = {}
     plugin_list = raw.get("plugins") or []
     if isinstance(plugin_list, list):
         for i, module in enumerate(plugin_list):
             if not isinstance(module, str) or module in disabled_plugins():
                 continue
             try:
-                info = pm.load_module(module)
-                recipe_plugins.append((i, pm.get_plugin(info.name)))
+                info = pm.load_module(module, check=False, require_hooks=True)
             except PluginLoadError as exc:
                 problems.append(Problem(f"plugins[{i}]", str(exc)))
+                continue
+            if info is not None:
+                index[info.name] = i
+                recipe_plugins.append((i, pm.get_plugin(info.name)))
+        for name, message in pm.check_hooks(raise_errors=False).items():
+            problems.append(Problem(f"plugins[{index[name]}]" if name in index else "", message))
+            recipe_plugins = [(i, m) for i, m in recipe_plugins if i != index.get(name)]
     try:
         registry = pm.registry
     except PluginLoadError as exc:
-        problems.append(Problem("plugins", str(exc)))
+        culprit = next((f"plugins[{i}]" for name, i in index.items() if repr(name) in str(exc)), "")
+        problems.append(Problem(culprit, str(exc)))
         registry = None
 
     ctx = None

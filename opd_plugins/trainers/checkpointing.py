@@ -1,11 +1,13 @@
-"""Crash-safe checkpoints for any ``transformers.Trainer`` subclass: stage, mark complete, publish atomically."""
+"""Crash-safe checkpoints for any ``transformers.Trainer`` subclass (stage, mark complete, publish atomically), and
+the checkpoint and end-of-training hooks every trainer variant calls."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from typing import Any
 
-from opd_plugins.trainers.state import mark_complete
+from opd_plugins.trainers.state import load_component_states, mark_complete, save_component_states
 
 STAGING_DIR = ".staging"
 
@@ -47,3 +49,31 @@ class AtomicCheckpointMixin:
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
+
+
+class HookedTrainerMixin(AtomicCheckpointMixin):
+    """Put before the TRL trainer class in the bases, with ``self.pm`` (the plugin manager) set: atomic checkpoints
+    that carry the components' state (:meth:`checkpoint_components`), ``opd_checkpoint_save`` /
+    ``opd_checkpoint_load`` around them, and ``opd_train_end`` when ``train()`` returns. Shared by every trainer
+    variant, so their hooks fire alike."""
+
+    pm: Any
+
+    def checkpoint_components(self) -> dict[str, Any]:
+        """``{key: component}`` whose ``state_dict()`` goes into every checkpoint."""
+        return {}
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().train(*args, **kwargs)
+        self.pm.call("opd_train_end", trainer=self)
+        return out
+
+    def _before_publish(self, staged: str) -> None:
+        save_component_states(staged, self.checkpoint_components())
+        self.pm.call("opd_checkpoint_save", trainer=self, checkpoint_dir=staged)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            load_component_states(checkpoint, self.checkpoint_components())
+            self.pm.call("opd_checkpoint_load", trainer=self, checkpoint_dir=checkpoint)

@@ -30,15 +30,14 @@ from opd_plugins.correction import combine_stats, importance_weights, weight_adv
 from opd_plugins.divergences.base import StudentOutputs
 from opd_plugins.errors import ModelLoadError, OPDError, TeacherError
 from opd_plugins.teachers.base import CAPABILITY_ORDER, TeacherBatch, TeacherScores
-from opd_plugins.trainers.checkpointing import AtomicCheckpointMixin
+from opd_plugins.trainers.checkpointing import HookedTrainerMixin
 from opd_plugins.trainers.components import Components
 from opd_plugins.trainers.opd_config import OPDConfig
-from opd_plugins.trainers.state import load_component_states, save_component_states
 from opd_plugins.trainers.step_state import StepState
 from opd_plugins.trainers.student import full_vocab_outputs, fused_outputs, loss_mask
 
 
-class OPDTrainer(AtomicCheckpointMixin, GRPOTrainer):
+class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
     """On-policy distillation, self-distillation, GRPO and hybrids: one trainer, chosen by components.
 
     Takes every ``GRPOTrainer`` argument, plus ``components`` (a :class:`Components`; default: GRPO with no
@@ -163,6 +162,10 @@ class OPDTrainer(AtomicCheckpointMixin, GRPOTrainer):
             )
         prompts = prepared.prompts
         self.step.sampler_output = prepared
+        n = len(prompts)
+        self.pm.call("opd_modify_prompts", trainer=self, prompts=prompts, rows=rows)
+        if len(prompts) != n:
+            raise OPDError(f"a plugin's opd_modify_prompts changed the number of prompts from {n} to {len(prompts)}")
         self.pm.call("opd_prompts_prepared", trainer=self, prompts=prompts, rows=rows)
         self.step.student_prompts = list(prompts)
         result = super()._generate(prompts)
@@ -222,6 +225,10 @@ class OPDTrainer(AtomicCheckpointMixin, GRPOTrainer):
             versions = [self.state.global_step] * mask.shape[0]
         out.setdefault("policy_version", torch.tensor(versions, device=mask.device))
         out["advantages"] = self.compute_advantages(out, inputs, scores, mask)
+        shape = tuple(out["advantages"].shape)
+        self.pm.call("opd_modify_advantages", trainer=self, batch=out, advantages=out["advantages"])
+        if tuple(out["advantages"].shape) != shape:
+            raise OPDError(f"a plugin's opd_modify_advantages changed the advantages' shape {shape}")
         self.pm.call("opd_advantages_computed", trainer=self, batch=out, advantages=out["advantages"])
         return out
 
@@ -441,17 +448,10 @@ class OPDTrainer(AtomicCheckpointMixin, GRPOTrainer):
         return loss
 
     # ------------------------------------------------------------------------------------------------------
-    # Checkpoints: written to a staging directory, then published by an atomic rename
+    # Checkpoints: written to a staging directory, then published by an atomic rename (HookedTrainerMixin)
     # ------------------------------------------------------------------------------------------------------
-    def _before_publish(self, staged: str) -> None:
-        save_component_states(staged, self.components.named())
-        self.pm.call("opd_checkpoint_save", trainer=self, checkpoint_dir=staged)
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None:
-            load_component_states(checkpoint, self.components.named())
-            self.pm.call("opd_checkpoint_load", trainer=self, checkpoint_dir=checkpoint)
+    def checkpoint_components(self) -> dict[str, Any]:
+        return self.components.named()
 
 
 def no_task_reward(completions: list[Any], **kwargs: Any) -> list[float]:

@@ -6,13 +6,13 @@ from typing import Any
 
 from trl import DPOTrainer
 
-from opd_plugins.trainers.checkpointing import AtomicCheckpointMixin
-from opd_plugins.trainers.state import load_component_states, save_component_states
+from opd_plugins.trainers.checkpointing import HookedTrainerMixin
 
-class SODATrainer(AtomicCheckpointMixin, DPOTrainer):
+class SODATrainer(HookedTrainerMixin, DPOTrainer):
     """TRL's ``DPOTrainer`` for SODA's preference pairs. Each ``checkpoint-N`` is written into
     ``output_dir/.staging``, completed with the components' state, marked complete, and published with one atomic
-    rename; ``opd_trainer_init``, ``opd_checkpoint_save`` and ``opd_checkpoint_load`` fire as in ``OPDTrainer``.
+    rename; ``opd_trainer_init``, ``opd_checkpoint_save``, ``opd_checkpoint_load`` and ``opd_train_end`` fire as in
+    ``OPDTrainer``.
 
     Takes every ``DPOTrainer`` argument, plus ``plugin_manager`` (default: built-ins and installed plugins),
     ``components`` (``{name: component}`` whose state goes into checkpoints) and ``recipe`` (kept for hooks).
@@ -30,15 +30,8 @@ class SODATrainer(AtomicCheckpointMixin, DPOTrainer):
         super().__init__(*args, **kwargs)
         self.pm.call("opd_trainer_init", trainer=self)
 
-    def _before_publish(self, staged: str) -> None:
-        save_component_states(staged, self.components)
-        self.pm.call("opd_checkpoint_save", trainer=self, checkpoint_dir=staged)
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None:
-            load_component_states(checkpoint, self.components)
-            self.pm.call("opd_checkpoint_load", trainer=self, checkpoint_dir=checkpoint)
+    def checkpoint_components(self) -> dict[str, Any]:
+        return self.components
 
 
 __all__ = ["SODATrainer"]

@@ -49,8 +49,21 @@ def test_hook_opd_trainer_init(calls):
     assert _of(calls, "opd_trainer_init")[0]["trainer"] is calls["trainer"]
 
 
+def test_hook_opd_modify_prompts(calls):
+    assert _of(calls, "opd_modify_prompts")[0] == {"n": 4}
+    names = [n for n, _ in calls["calls"]]
+    assert names.index("opd_modify_prompts") < names.index("opd_prompts_prepared")
+
+
 def test_hook_opd_prompts_prepared(calls):
-    assert _of(calls, "opd_prompts_prepared")[0] == {"n": 4, "rows": 4}
+    assert _of(calls, "opd_prompts_prepared")[0] == {"n": 4, "rows": 4, "system": True}  # sees the edited prompts
+
+
+def test_hook_opd_train_end(calls):
+    ends = _of(calls, "opd_train_end")
+    assert [e["step"] for e in ends] == [1, 2]  # once per train() call (the first run, then the resumed one)
+    names = [n for n, _ in calls["calls"]]
+    assert names.index("opd_train_end") > names.index("opd_step_metrics")
 
 
 def test_hook_opd_rollout_end(calls):
@@ -70,8 +83,14 @@ def test_hook_opd_degenerate_groups(calls):
     assert _of(calls, "opd_degenerate_groups")[0] == {"groups": [0]}
 
 
+def test_hook_opd_modify_advantages(calls):
+    assert _of(calls, "opd_modify_advantages")[0] == {"shape": (4,)}
+
+
 def test_hook_opd_advantages_computed(calls):
-    assert _of(calls, "opd_advantages_computed")[0]["shape"] == (4,)
+    first = _of(calls, "opd_advantages_computed")[0]
+    assert first["shape"] == (4,)
+    assert first["values"] == [0.25] * 4  # all-equal rewards give 0, and opd_modify_advantages added 0.25
 
 
 def test_hook_opd_loss_terms(calls):

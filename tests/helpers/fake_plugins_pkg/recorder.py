@@ -13,8 +13,24 @@ def opd_trainer_init(trainer):
 
 
 @hookimpl
+def opd_train_end(trainer):
+    CALLS.append(("opd_train_end", {"step": trainer.state.global_step}))
+
+
+@hookimpl
+def opd_modify_prompts(trainer, prompts, rows):
+    """Adds a system message to every prompt (an in-place edit the rollout must see)."""
+    for p in prompts:
+        if isinstance(p, list) and p[0].get("role") != "system":
+            p.insert(0, {"role": "system", "content": "Answer briefly."})
+    CALLS.append(("opd_modify_prompts", {"n": len(prompts)}))
+
+
+@hookimpl
 def opd_prompts_prepared(trainer, prompts, rows):
-    CALLS.append(("opd_prompts_prepared", {"n": len(prompts), "rows": len(rows)}))
+    CALLS.append(("opd_prompts_prepared", {"n": len(prompts), "rows": len(rows),
+                                           "system": all(isinstance(p, list) and p[0]["role"] == "system"
+                                                         for p in prompts)}))
 
 
 @hookimpl
@@ -38,8 +54,15 @@ def opd_degenerate_groups(trainer, groups, rewards):
 
 
 @hookimpl
+def opd_modify_advantages(trainer, batch, advantages):
+    """Adds 0.25 to every advantage (an in-place edit the loss must see)."""
+    advantages += 0.25
+    CALLS.append(("opd_modify_advantages", {"shape": tuple(advantages.shape)}))
+
+
+@hookimpl
 def opd_advantages_computed(trainer, batch, advantages):
-    CALLS.append(("opd_advantages_computed", {"shape": tuple(advantages.shape)}))
+    CALLS.append(("opd_advantages_computed", {"shape": tuple(advantages.shape), "values": advantages.tolist()}))
 
 
 @hookimpl
