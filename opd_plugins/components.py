@@ -109,6 +109,14 @@ class Component:
         params, message)`` pairs, reported by validation under the component's YAML path. Default: none."""
         return []
 
+    def peer_problems(self, peers: dict[str, Any]) -> list[tuple[str, str]]:
+        """Problems of this component given the recipe's other built components (``peers``: slot -> component,
+        e.g. ``teacher``, ``divergence``, ``rollout``, ``token_weighting`` (a list), ``pg_weight``), as
+        ``(key path below params, message)``. Validation reports them under the component's YAML path; for rules
+        that need another component (an FP8 precision flow that needs a high-precision student forward, say).
+        Default: none."""
+        return []
+
     def gpu_problems(self) -> list[tuple[str, str]]:
         """Settings of this component that need a CUDA GPU, as ``(key path below params, reason)``; validation
         reports them on a machine without one (``validate`` as notes, ``train`` as errors). Default: none."""

@@ -202,7 +202,28 @@ def device_problems(recipe: Any, built: dict[str, Any] | None = None) -> list[Pr
     return problems
 
 
-GENERIC_RULES = (trainer_rule, slot_rule, model_rule, data_rule, args_rule, hooks_rule)
+def peer_rule(ctx: RecipeContext) -> list[Problem]:
+    """Each built component's :meth:`~opd_plugins.components.Component.peer_problems` with the others."""
+    problems = []
+    for slot, component in ctx.built.items():
+        for i, sub in enumerate(component if isinstance(component, list) else [component]):
+            where = f"{slot}[{i}]" if isinstance(component, list) else slot
+            for path, msg in sub.peer_problems(ctx.built):
+                problems.append(Problem(f"{where}.params.{path}" if path else where, msg))
+    return problems
+
+
+def rollout_args_rule(ctx: RecipeContext) -> list[Problem]:
+    """Trainer arguments the rollout backend sets must not contradict ``trainer.args``."""
+    rollout = ctx.built.get("rollout")
+    if rollout is None:
+        return []
+    return [Problem(f"trainer.args.{key}", f"rollout {rollout.name!r} sets {key}: {value!r}, but trainer.args sets "
+                    f"{ctx.args[key]!r}; remove it from trainer.args (the rollout backend's params decide it)")
+            for key, value in rollout.trainer_args().items() if key in ctx.args and ctx.args[key] != value]
+
+
+GENERIC_RULES = (trainer_rule, slot_rule, model_rule, data_rule, args_rule, hooks_rule, peer_rule)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,7 +313,7 @@ def batch_rule(ctx: RecipeContext) -> list[Problem]:
     return problems
 
 
-ON_POLICY_RULES = (teacher_needed_rule, capability_rule, reward_rule, batch_rule)
+ON_POLICY_RULES = (teacher_needed_rule, capability_rule, reward_rule, batch_rule, rollout_args_rule)
 
 
 __all__ = ["GENERIC_RULES", "ON_POLICY_RULES", "RecipeContext", "device_problems"]

@@ -28,6 +28,12 @@ class RolloutBackend(Component):
     def generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> Rollouts:
         raise NotImplementedError
 
+    def trainer_args(self) -> dict[str, Any]:
+        """Trainer arguments this backend sets (e.g. TRL's ``use_vllm`` / ``vllm_mode`` for a vLLM backend):
+        applied when the trainer's config is built, before any model loads. A recipe whose ``trainer.args`` set one
+        of them to another value is refused. Default: none."""
+        return {}
+
     def sync_weights(self, model: Any, version: int) -> None:
         """The policy changed (optimizer step ``version``): push ``model``'s weights to the engine. A no-op for
         engines that read the training model directly."""

@@ -198,3 +198,21 @@ def test_secret_looking_override_values_are_not_echoed(base, tmp_path):
     assert "teacher.params.api_key: unknown key 'api_key'" in msg and "model.token: unknown key 'token'" in msg
     assert "VERYSECRET" not in msg and "ALSOSECRET" not in msg
     assert "teacher.params.api_key=***" in msg
+
+
+def test_rollout_trainer_args_and_peer_rules(base, tmp_path):
+    """A rollout backend's own trainer arguments must agree with trainer.args, and a component may object to the
+    recipe's other components (peer_problems), both reported under their YAML keys before any model loads."""
+    base["plugins"] = ["helpers.fake_plugins_pkg.peers"]
+    base["rollout"] = {"name": "picky_rollout"}
+    base["trainer"]["args"]["temperature"] = 0.9
+    msg = str(problems(write(tmp_path, base)))
+    assert "trainer.args.temperature: rollout 'picky_rollout' sets temperature: 0.5, but trainer.args sets 0.9" in msg
+    assert "rollout: picky_rollout cannot run with a teacher" in msg
+    base["trainer"]["args"]["temperature"] = 0.5
+    del base["teacher"], base["divergence"]
+    base["objective"] = {"policy_gradient": 1.0}
+    recipe, _ = load_recipe(write(tmp_path, base))
+    from opd_plugins.runs.opd import build_config
+
+    assert build_config(recipe, recipe.components["rollout"]).temperature == 0.5
