@@ -43,7 +43,9 @@ def build(kind: str, out: str, steps: int, hidden: int, layers: int, seed: int =
     ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} + {i + 3}?"}] for i in range(64)]})
     common = dict(output_dir=out, max_steps=steps, per_device_train_batch_size=8, num_generations=4,
                   max_completion_length=32, learning_rate=1e-4, logging_steps=1, report_to="none",
-                  save_strategy="no", bf16=False, use_cpu=True, seed=seed, disable_tqdm=True, loss_type="dapo")
+                  save_strategy="no", bf16=False, use_cpu=True, seed=seed, disable_tqdm=True, loss_type="dapo",
+                  # every completion is exactly max_completion_length tokens, so both trainers do the same work
+                  generation_kwargs={"min_new_tokens": 32})
     times: list[tuple[float, float]] = []  # (wall s, CPU s) per optimizer step
 
     class Timer(TrainerCallback):

@@ -313,7 +313,27 @@ def batch_rule(ctx: RecipeContext) -> list[Problem]:
     return problems
 
 
-ON_POLICY_RULES = (teacher_needed_rule, capability_rule, reward_rule, batch_rule, rollout_args_rule)
+def pg_terms_rule(ctx: RecipeContext) -> list[Problem]:
+    """TRL's KL-to-reference (``beta``) and entropy bonus live inside its policy-gradient loss, which the trainer
+    skips while ``objective.policy_gradient`` is 0: refuse them together rather than drop them silently."""
+    pg = ctx.built.get("pg_weight")
+    if pg is None or not any(abs(pg.value(s, 100)) == 0 for s in range(0, 101, 5)):
+        return []
+    args, problems = ctx.args, []
+    why = ("lives in TRL's policy-gradient loss, which is not computed while objective.policy_gradient is 0, so it "
+           "would silently be dropped")
+    beta = args.get("beta", 0.0)
+    if isinstance(beta, (int, float)) and beta != 0:
+        problems.append(Problem("trainer.args.beta", f"beta={beta}: the KL to the reference model {why}; set "
+                                "beta: 0, or keep a non-zero policy_gradient weight (e.g. a small constant)"))
+    entropy = args.get("entropy_coef", 0.0)
+    if (isinstance(entropy, (int, float)) and entropy != 0) or args.get("use_adaptive_entropy"):
+        problems.append(Problem("trainer.args.entropy_coef", f"the entropy bonus {why}; remove it, or keep a "
+                                "non-zero policy_gradient weight"))
+    return problems
+
+
+ON_POLICY_RULES = (teacher_needed_rule, capability_rule, reward_rule, batch_rule, rollout_args_rule, pg_terms_rule)
 
 
 __all__ = ["GENERIC_RULES", "ON_POLICY_RULES", "RecipeContext", "device_problems"]

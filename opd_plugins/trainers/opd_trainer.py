@@ -205,10 +205,24 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
                          reward_names=list(self.reward_func_names))
         return rewards_per_func
 
+    def buffer_steps(self) -> range:
+        """The optimizer steps that will train on the generation batch made now: TRL reuses one generation batch
+        for ``steps_per_generation × num_iterations`` micro-steps, i.e. this many optimizer steps."""
+        per_step = max(int(getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps), 1)
+        n = max(1, math.ceil(self.args.steps_per_generation * self.num_iterations / per_step))
+        return range(self.state.global_step, self.state.global_step + n)
+
+    def weight_during_buffer(self, schedule: Any) -> bool:
+        """Whether ``schedule`` is non-zero at any optimizer step this generation batch serves (so the teacher
+        must score it now, even if the weight is 0 at this very step: a warm-up starting at 0, say)."""
+        total = self.state.max_steps or 0
+        return any(float(schedule.value(s, total)) != 0 for s in self.buffer_steps())
+
     def _needs_teacher(self) -> bool:
         c = self.components
         return c.teacher is not None and c.divergence is not None and (
-            self.weight(c.div_weight) != 0 or self.weight(c.div_reward_weight) != 0 or c.advantage.needs_token_reward
+            self.weight_during_buffer(c.div_weight) or self.weight_during_buffer(c.div_reward_weight)
+            or c.advantage.needs_token_reward
         )
 
     def _generate_and_score_completions(self, inputs):

@@ -1,0 +1,51 @@
+"""Correctness of the loss assembly in configurations the first wave got wrong (issue 12): teacher scoring with
+schedules across a reused generation batch, and terms that would be dropped silently."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from helpers.tiny import history, trainer
+
+from opd_plugins.errors import RecipeError
+from opd_plugins.recipe import load_recipe
+from opd_plugins.testing import build_tiny_model
+from opd_plugins.trainers import Components
+
+
+def test_divergence_weight_rising_from_zero_within_a_generation_batch_is_scored(tmp_path, opd_tokenizer):
+    """steps_per_generation=2 with one micro-step per optimizer step: the batch made at step 0 (weight 0) also
+    serves step 1 (weight > 0). The teacher must score it at generation time (this crashed with TeacherError)."""
+    comps = Components.build(teacher="self_context", divergence="reverse_kl", pg_weight=0.0,
+                             div_weight=("warmup_decay", {"peak": 1.0, "warmup_steps": 5, "decay": "none"}))
+    tr = trainer(tmp_path / "run", opd_tokenizer, build_tiny_model(opd_tokenizer), components=comps, max_steps=4,
+                 gradient_accumulation_steps=1, steps_per_generation=2, per_device_train_batch_size=4)
+    tr.train()
+    weights = history(tr, "opd/weight/divergence")
+    assert weights[0] == 0.0 and weights[1] > 0 and len(history(tr, "opd/divergence")) >= 3
+
+
+def test_buffer_steps_cover_every_reuse_of_a_generation_batch(tmp_path, opd_tokenizer):
+    tr = trainer(tmp_path / "run", opd_tokenizer, build_tiny_model(opd_tokenizer), max_steps=1,
+                 gradient_accumulation_steps=2, steps_per_generation=4, num_iterations=3,
+                 per_device_train_batch_size=4)
+    assert list(tr.buffer_steps()) == [0, 1, 2, 3, 4, 5]  # 4 micro-steps × 3 iterations / 2 per optimizer step
+
+
+def _recipe(tmp_path, model_dir, **args):
+    recipe = {"model": {"name_or_path": str(model_dir)}, "data": {"task": {"name": "arithmetic"}},
+              "trainer": {"args": {"per_device_train_batch_size": 4, "num_generations": 4, **args}},
+              "teacher": {"name": "self_context"}, "divergence": {"name": "reverse_kl"},
+              "objective": {"policy_gradient": 0.0, "divergence": 1.0}, "output_dir": str(tmp_path / "run")}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_kl_to_reference_and_entropy_bonus_with_a_zero_policy_gradient_are_refused(tmp_path, opd_tiny_model_dir):
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(_recipe(tmp_path, opd_tiny_model_dir, beta=0.04, entropy_coef=0.01))
+    msg = str(exc.value)
+    assert "trainer.args.beta: beta=0.04: the KL to the reference model lives in TRL's policy-gradient loss" in msg
+    assert "trainer.args.entropy_coef: the entropy bonus lives in TRL's policy-gradient loss" in msg
+    load_recipe(_recipe(tmp_path, opd_tiny_model_dir))  # without them the pure-distillation recipe is fine
