@@ -36,6 +36,17 @@ class StudentOutputs:
     logits: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     lm_head: LMHead | None = None
+    old_token_logps: torch.Tensor | None = None
+    """``(B, T)`` log π_old of the sampled tokens (the policy that sampled them), when the generation batch is
+    reused for later optimizer steps or iterations (TRL's ``old_per_token_logps``); None on-policy."""
+
+    def policy_ratio(self) -> torch.Tensor:
+        """ρ_t = exp(log π_θ(x_t) − sg(log π_old(x_t))), with gradient: a sampled-token estimator's loss
+        ``ρ_t · sg(estimate)`` has expected gradient ``E_{x~π_θ}[estimate · ∇log π_θ]`` although x_t came from
+        π_old. On-policy (no ``old_token_logps``) ρ_t is 1 in value and ``∇log π_θ`` in gradient: the plain
+        score-function surrogate."""
+        old = self.old_token_logps if self.old_token_logps is not None else self.token_logps
+        return torch.exp(self.token_logps - old.detach())
 
 
 @dataclass

@@ -55,7 +55,7 @@ class GOPD(Divergence):
     def per_token(self, student: StudentOutputs, teacher: TeacherScores) -> DivergenceTerms:
         mask = student.mask * teacher.mask
         value = -self.token_reward(student, teacher)
-        return DivergenceTerms(loss=value * student.token_logps * mask, value=value)
+        return DivergenceTerms(loss=student.policy_ratio() * value * mask, value=value)
 
     def reward(self, student: StudentOutputs, teacher: TeacherScores) -> torch.Tensor:
         return self.token_reward(student, teacher)

@@ -12,8 +12,9 @@ class K1(Divergence):
     """k1 = ``log π_s(x) − log π_t(x)`` at the sampled token x ~ π_s: an unbiased estimate of KL(π_s ‖ π_t)
     (E_s[k1] = KL exactly), with high variance and no sign (a single sample can be negative).
 
-    Loss: the score-function surrogate ``sg(k1)·log π_s(x)``, whose expected gradient is exactly ∇KL(π_s ‖ π_t)
-    per position (Σ_x π_s(x)·k1(x)·∇log π_s(x) = ∇KL). Using ``k1`` itself as a loss would be wrong: its expected
+    Loss: the score-function surrogate ``ρ·sg(k1)`` (ρ = exp(log π_s − sg(log π_old)), 1 on-policy), whose expected
+    gradient is exactly ∇KL(π_s ‖ π_t) per position (Σ_x π_s(x)·k1(x)·∇log π_s(x) = ∇KL), also for tokens sampled by
+    an older policy. Using ``k1`` itself as a loss would be wrong: its expected
     gradient E_s[∇log π_s] is zero. This is what ``reverse_kl`` with ``estimator: sampled`` computes; ``k1`` names it
     alongside ``k2`` and ``k3``. Reward: ``−k1``, the standard OPD per-token reward (its policy gradient is −∇KL).
 
@@ -29,4 +30,4 @@ class K1(Divergence):
     def per_token(self, student: StudentOutputs, teacher: TeacherScores) -> DivergenceTerms:
         mask = student.mask * teacher.mask
         k1 = ((student.token_logps - teacher.token_logps) * mask).detach()
-        return DivergenceTerms(loss=k1 * student.token_logps * mask, value=k1)
+        return DivergenceTerms(loss=student.policy_ratio() * k1 * mask, value=k1)

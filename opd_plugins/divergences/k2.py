@@ -17,7 +17,8 @@ class K2(Divergence):
     Loss: ``k2`` itself, differentiated through log π_s(x) (the sampled token fixed). Its gradient is
     ``(log π_s(x) − log π_t(x))·∇log π_s(x)``, the same per sample as k1's score-function surrogate, so its
     expected gradient is exactly ∇KL(π_s ‖ π_t): biased as a value, unbiased as a loss (KDRL reports k2 working
-    better than k3 as the KD term). Reward: ``−k2``. As a reward its policy gradient is *not* −∇KL; use ``k1`` (or
+    better than k3 as the KD term). Tokens sampled by an older policy are weighted by sg(ρ), ρ = π_s/π_old, which
+    keeps that expectation. Reward: ``−k2``. As a reward its policy gradient is *not* −∇KL; use ``k1`` (or
     ``reverse_kl``) for OPD as RL.
 
     Needs only the teacher's log-prob of the sampled token. Temperature: the student's log-probs are taken from
@@ -33,4 +34,4 @@ class K2(Divergence):
         mask = student.mask * teacher.mask
         log_ratio = (student.token_logps - teacher.token_logps) * mask
         k2 = 0.5 * log_ratio.square()
-        return DivergenceTerms(loss=k2 * mask, value=k2.detach())
+        return DivergenceTerms(loss=student.policy_ratio().detach() * k2 * mask, value=k2.detach())

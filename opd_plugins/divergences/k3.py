@@ -23,8 +23,9 @@ class K3(Divergence):
     * ``pathwise`` (default, the usual use, as in GRPO's KL term): ``k3`` differentiated through log π_s(x). Its
       gradient is ``(1 − r)·∇log π_s(x)``, whose expectation is −Σ_x π_t(x)∇log π_s(x) = ∇KL(π_t ‖ π_s): the
       gradient of the *forward* KL, so as a reverse-KL loss it is **biased** (both vanish at π_s = π_t).
-    * ``score_function``: ``sg(k3)·log π_s(x) + k3``, the full gradient of E_s[k3] (score term plus pathwise term),
-      whose expectation is exactly ∇KL(π_s ‖ π_t).
+    * ``score_function``: ``ρ·sg(k3) + sg(ρ)·k3``, the full gradient of E_s[k3] (score term plus pathwise term),
+      whose expectation is exactly ∇KL(π_s ‖ π_t) (ρ = π_s/π_old weights tokens an older policy sampled; 1
+      on-policy).
 
     Reward: ``−k3``; unbiased as a value, but as a reward its policy gradient is not −∇KL (the pathwise part is
     dropped); use ``k1`` (or ``reverse_kl``) for OPD as RL.
@@ -47,7 +48,8 @@ class K3(Divergence):
         mask = student.mask * teacher.mask
         log_r = (teacher.token_logps - student.token_logps) * mask
         k3 = (torch.expm1(log_r) - log_r) * mask
-        loss = k3
+        ratio = student.policy_ratio()  # 1 on-policy; π_s/π_old for tokens sampled by an older policy
+        loss = ratio.detach() * k3
         if self.params.surrogate == "score_function":
-            loss = k3 + k3.detach() * student.token_logps * mask
+            loss = loss + ratio * k3.detach() * mask
         return DivergenceTerms(loss=loss, value=k3.detach())

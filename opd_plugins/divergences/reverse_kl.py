@@ -36,8 +36,10 @@ class ReverseKL(Divergence):
 
     ``estimator: sampled`` uses only the sampled token x_t ~ π_student: the value is the k1 estimate
     ``log π_s(x_t) − log π_t(x_t)`` and the loss is the score-function surrogate
-    ``sg(log π_s(x_t) − log π_t(x_t)) · log π_s(x_t)``, whose gradient is an unbiased estimate of ∇KL per
-    position (a loss of ``log π_s − log π_t`` alone would have zero expected gradient). As a reward it is
+    ``ρ_t · sg(log π_s(x_t) − log π_t(x_t))`` with ρ_t = exp(log π_s − sg(log π_old)) (1 on-policy), whose
+    gradient is an unbiased estimate of ∇KL per position also when the tokens were sampled by an older policy (a
+    generation batch reused across optimizer steps or iterations); a loss of ``log π_s − log π_t`` alone would
+    have zero expected gradient. As a reward it is
     ``−(log π_s(x_t) − log π_t(x_t))``, which depends on the sampled token as the policy gradient requires.
     ``estimator: full`` computes ``Σ_v π_s(v)(log π_s(v) − log π_t(v))`` exactly from full-vocabulary log-probs
     and differentiates it directly, ``chunk_size`` tokens at a time through the shared recomputing kernel of
@@ -77,7 +79,7 @@ class ReverseKL(Divergence):
             kl = student_divergence(self.name, student, teacher, REVERSE_KL, self.params.chunk_size) * mask
             return DivergenceTerms(loss=kl, value=kl.detach())
         log_ratio = ((student.token_logps - teacher.token_logps) * mask).detach()
-        return DivergenceTerms(loss=log_ratio * student.token_logps * mask, value=log_ratio)
+        return DivergenceTerms(loss=student.policy_ratio() * log_ratio * mask, value=log_ratio)
 
     def reward(self, student: StudentOutputs, teacher: TeacherScores) -> torch.Tensor:
         """``−(log π_s(x_t) − log π_t(x_t))`` at the sampled token, whichever estimator the loss uses (the exact

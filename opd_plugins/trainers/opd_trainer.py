@@ -379,6 +379,11 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         A divergence with ``fused_lm_head`` (:meth:`~opd_plugins.divergences.base.Divergence.uses_hidden_states`)
         gets no logits but the final hidden states and the lm head; the token log-probs are then computed chunk by
         chunk from those too, so no ``(B, T, V)`` tensor is made here (:mod:`opd_plugins.trainers.student`)."""
+        out = self._student_outputs(model, inputs, grad=grad)
+        out.old_token_logps = inputs.get("old_per_token_logps")  # tokens sampled by an older policy: ρ_t corrects
+        return out
+
+    def _student_outputs(self, model: Any, inputs: dict[str, Any], *, grad: bool) -> StudentOutputs:
         mask = loss_mask(inputs)
         divergence = self.components.divergence
         full = divergence is not None and divergence.requires() in ("topk", "full")  # both read student logits

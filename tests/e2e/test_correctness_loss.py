@@ -49,3 +49,24 @@ def test_kl_to_reference_and_entropy_bonus_with_a_zero_policy_gradient_are_refus
     assert "trainer.args.beta: beta=0.04: the KL to the reference model lives in TRL's policy-gradient loss" in msg
     assert "trainer.args.entropy_coef: the entropy bonus lives in TRL's policy-gradient loss" in msg
     load_recipe(_recipe(tmp_path, opd_tiny_model_dir))  # without them the pure-distillation recipe is fine
+
+
+def test_the_trainer_hands_the_sampling_policys_logps_to_the_divergence(tmp_path, opd_tokenizer):
+    """When a generation batch serves several optimizer steps, TRL computes old_per_token_logps; the divergence
+    receives them (StudentOutputs.old_token_logps) so sampled-token estimators can weight by ρ = π_θ/π_old."""
+    comps = Components.build(teacher="self_context", divergence="k1", pg_weight=0.0, div_weight=1.0)
+    seen = []
+    real = comps.divergence.per_token
+
+    def spy(student, teacher):
+        seen.append(None if student.old_token_logps is None else float(
+            (student.token_logps.detach() - student.old_token_logps).abs().max()))
+        return real(student, teacher)
+
+    comps.divergence.per_token = spy
+    tr = trainer(tmp_path / "run", opd_tokenizer, build_tiny_model(opd_tokenizer), components=comps, max_steps=2,
+                 gradient_accumulation_steps=1, steps_per_generation=2, per_device_train_batch_size=4,
+                 learning_rate=5e-2)
+    tr.train()
+    assert len(seen) == 2 and all(s is not None for s in seen)
+    assert seen[0] < 1e-4 < seen[1]  # step 1 trains on tokens the step-0 policy sampled: π_θ ≠ π_old there
