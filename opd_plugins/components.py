@@ -153,7 +153,10 @@ class Component:
 
     def close(self) -> None:
         """Release what the component holds (threads, connections, spawned servers). Idempotent; called once
-        training ends (``OPDTrainer.close_components``), also after a failure."""
+        training ends (``OPDTrainer.close_components``), also after a failure. The default closes the nested
+        components."""
+        for component in self.nested_components().values():
+            component.close()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params!r})"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -73,6 +73,12 @@ class Divergence(Component):
 
     def requires(self) -> Capability:
         return "sampled"
+
+    def reference(self) -> Any:
+        """A teacher component whose sampled-token log-probs are the divergence's *reference* policy π_ref, or
+        None. The trainer sets it up with the run's context, scores every batch with it too, and hands the result
+        over as ``TeacherScores.ref_token_logps``."""
+        return None
 
     def uses_hidden_states(self) -> bool:
         """True when :meth:`per_token` wants the student's final hidden states and lm head

@@ -44,6 +44,8 @@ class TeacherScores:
     * ``logps``: ``(B, T, V)`` full-vocabulary log-probs, when the teacher gives them.
     * ``entropy``: ``(B, T)`` teacher entropy (full vocab, or over the top-k), a cheap reliability statistic.
     * ``mask``: ``(B, T)`` positions with valid teacher data (the completion mask unless the teacher masks more).
+    * ``ref_token_logps``: ``(B, T)`` log-prob of each sampled token under a *reference* policy, when the divergence
+      names one (``g_opd``'s ``reference``: ExOPD's π_ref); the trainer fills it from the reference teacher.
     """
 
     token_logps: torch.Tensor
@@ -53,9 +55,10 @@ class TeacherScores:
     topk_mass: torch.Tensor | None = None
     logps: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
+    ref_token_logps: torch.Tensor | None = None
 
     TENSOR_FIELDS: ClassVar[tuple[str, ...]] = (
-        "token_logps", "mask", "topk_ids", "topk_logps", "topk_mass", "logps", "entropy",
+        "token_logps", "mask", "topk_ids", "topk_logps", "topk_mass", "logps", "entropy", "ref_token_logps",
     )
 
     @property

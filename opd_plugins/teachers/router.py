@@ -67,10 +67,6 @@ class RouterTeacher(Teacher):
         for teacher in self.routes.values():
             teacher.setup(ctx)
 
-    def close(self) -> None:
-        for teacher in self.routes.values():
-            teacher.close()
-
     def _route(self, row: dict[str, Any]) -> str:
         value = row.get(self.params.column)
         if value is None and self.params.column not in row:

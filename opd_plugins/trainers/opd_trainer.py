@@ -77,6 +77,9 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         self.components.rollout.setup(ctx)
         if self.components.teacher is not None:
             self.components.teacher.setup(ctx)
+        reference = self.components.divergence.reference() if self.components.divergence is not None else None
+        if reference is not None:
+            reference.setup(ctx)
         self._synced_version = self.state.global_step
         self.pm.call("opd_trainer_init", trainer=self)
 
@@ -287,6 +290,13 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         n_bad = scores.validate(batch, c.teacher.name, allow_nonfinite=getattr(c.teacher.params, "allow_nonfinite", False))
         if n_bad:
             self._log("teacher/nonfinite_masked", n_bad)
+        reference = c.divergence.reference()
+        if reference is not None:  # the divergence's reference policy π_ref scores the same tokens
+            ref = reference.score(batch, "sampled")
+            ref.validate(batch, f"{reference.name} (reference of {c.divergence.name})",
+                         allow_nonfinite=getattr(reference.params, "allow_nonfinite", False))
+            scores.ref_token_logps = ref.token_logps
+            scores.mask = scores.mask * ref.mask
         if scores.entropy is not None:
             m = scores.mask
             self._log("teacher/entropy", float((scores.entropy * m).sum() / m.sum().clamp(min=1)))

@@ -454,7 +454,7 @@ def test_g_opd_reward_formula_with_and_without_reference():
     s_logits, t_logps, tokens = random_pair(seed=45)
     _, student, teacher = make_inputs(s_logits, t_logps, tokens, requires_grad=False)
     lam = 1.25
-    div = GOPD(GOPD.Params(reward_scale=lam))
+    div = GOPD(GOPD.Params(reward_scale=lam, uniform_reference=True))  # the reference arrives in the scores below
     s, t = student.token_logps, teacher.token_logps
     assert torch.allclose(div.reward(student, teacher), lam * t - s, atol=1e-6)
     ref = -torch.rand(tokens.shape, generator=torch.Generator().manual_seed(2)) * 3
@@ -467,7 +467,7 @@ def test_g_opd_loss_gradient_is_minus_objective_gradient_in_expectation():
     s_logits, t_logps, _ = random_pair(B=2, T=2, V=6, seed=46)
     ref_logps = torch.log_softmax(torch.randn(2, 2, 6, generator=torch.Generator().manual_seed(3)), -1)
     lam = 1.5
-    div = GOPD(GOPD.Params(reward_scale=lam))
+    div = GOPD(GOPD.Params(reward_scale=lam, uniform_reference=True))  # ref_token_logps set on the scores below
     V = 6
     probs = torch.softmax(s_logits, -1)
     grad = torch.zeros_like(s_logits)
