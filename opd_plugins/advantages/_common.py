@@ -62,7 +62,10 @@ def gather_rows(local: torch.Tensor, inputs: AdvantageInputs) -> torch.Tensor:
 def require(tensor: torch.Tensor | None, what: str, owner: Any) -> torch.Tensor:
     """A clear error when the trainer did not fill an input the estimator declared it needs."""
     if tensor is None:
-        hint = ("the recipe needs a teacher and a divergence (the divergence's per-token reward is the guidance)"
-                if what == "token_reward" else "the trainer must pass the policy's log-probs (needs_logps)")
+        hint = {"token_reward": "the recipe needs a teacher and a divergence (the divergence's per-token reward is the "
+                                "guidance)",
+                "ref_logps": "the estimator needs a reference policy (its `reference` param), which the trainer "
+                             "scores the batch with"}.get(what, "the trainer must pass the policy's log-probs "
+                                                                  "(needs_logps)")
         raise ValueError(f"advantage {owner.name!r} needs inputs.{what}, which is None: {hint}")
     return tensor

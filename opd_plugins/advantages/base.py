@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -22,6 +22,8 @@ class AdvantageInputs:
       ``needs_token_reward`` and the recipe has a teacher and a divergence; else None.
     * ``logps``: ``(B, T)`` the policy's log-probs of the sampled tokens (no gradient), when the estimator sets
       ``needs_logps``; else None.
+    * ``ref_logps``: ``(B, T)`` the reference policy's log-probs of the sampled tokens, when the estimator has a
+      :meth:`~AdvantageEstimator.reference`; else None.
     * ``step`` / ``max_steps``: training progress (for scheduled coefficients).
     """
 
@@ -31,6 +33,7 @@ class AdvantageInputs:
     mask: torch.Tensor | None = None
     token_reward: torch.Tensor | None = None
     logps: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
     step: int = 0
     max_steps: int = 0
 
@@ -54,6 +57,26 @@ class AdvantageEstimator(Component):
 
     def compute(self, inputs: AdvantageInputs) -> torch.Tensor:
         raise NotImplementedError
+
+    def excluded(self, inputs: AdvantageInputs) -> torch.Tensor | None:
+        """``(B,)`` bool: this rank's completions to remove from every loss term of this step (their tokens leave the
+        mask and the token normaliser), e.g. MC-GRPO's median pivot; None (default) for none. Nested estimators
+        pass theirs on."""
+        for nested in self.nested_components().values():
+            if isinstance(nested, AdvantageEstimator):
+                rows = nested.excluded(inputs)
+                if rows is not None:
+                    return rows
+        return None
+
+    def reference(self) -> Any:
+        """A teacher component scoring the sampled tokens as a reference policy π_ref, when the estimator uses one
+        (``inputs.ref_logps``); the trainer sets it up and scores each generation batch with it. Nested estimators
+        pass theirs on."""
+        for nested in self.nested_components().values():
+            if isinstance(nested, AdvantageEstimator) and nested.reference() is not None:
+                return nested.reference()
+        return None
 
     def num_generations_problem(self, num_generations: int) -> str | None:
         """Why this estimator cannot work with groups of ``num_generations`` (checked at validation), or None.

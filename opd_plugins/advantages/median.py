@@ -20,11 +20,15 @@ class MedianAdvantage(AdvantageEstimator):
     ``MAD = median_i |r_i − med|`` (median absolute deviation) replaces the std, as in the authors' code
     (``scale: none`` keeps ``r − med``).
 
+    As in the authors' code: each group's non-zero advantages are multiplied by ``(G+1) / n_nonzero``
+    (``rescale``), so a group where few rollouts differ from the median keeps the size of its signal; and the
+    pivot is removed from every loss term (``drop_pivot``): its tokens leave the loss mask and the token
+    normaliser, so it gets no policy-gradient, divergence or KL term either. The pivot of a group is the rollout
+    at the middle of its rewards sorted stably (among ties at the median, the middle one by position).
+
     In a recipe, ``trainer.args.num_generations`` is the whole group, G+1: set it odd (3 for the paper's G=2).
     An even group has no single median rollout, so it is an error unless ``even_groups: midpoint`` (the
-    ordinary median, the mean of the two middle rewards; no rollout is a pivot). Our batch cannot drop rows:
-    the pivot stays in the batch with advantage 0, so it gets no policy-gradient signal but still counts in the
-    loss's token normaliser and still receives any divergence or KL term.
+    ordinary median, the mean of the two middle rewards; no rollout is a pivot, none is dropped).
 
     NaN (unscored) rewards are left out of the median and the MAD and get advantage 0; an even number of
     scored rewards (an odd group with unscored rows) uses the lower median, as ``torch.nanmedian``.
@@ -43,6 +47,9 @@ class MedianAdvantage(AdvantageEstimator):
         eps: float = Field(1e-3, gt=0, description="Added to the MAD (the authors' 1e-3).")
         even_groups: Literal["error", "midpoint"] = Field(
             "error", description="An even num_generations: an error (G+1 is odd), or the mean of the two middle rewards.")
+        rescale: bool = Field(True, description="Multiply each group's non-zero advantages by (G+1)/n_nonzero "
+                                                "(the authors' code).")
+        drop_pivot: bool = Field(True, description="Remove each odd group's median rollout from every loss term.")
 
     @classmethod
     def example_params(cls) -> Params:
@@ -68,7 +75,25 @@ class MedianAdvantage(AdvantageEstimator):
         adv = g - med
         if self.params.scale == "mad":
             adv = adv / (_nanmedian(adv.abs(), midpoint) + self.params.eps)
-        return torch.nan_to_num(adv.reshape(-1), nan=0.0)[inputs.local_slice]
+        adv = torch.nan_to_num(adv, nan=0.0)
+        if self.params.rescale:  # the authors' (G+1)/n_nonzero per group
+            nonzero = (adv != 0).sum(1, keepdim=True)
+            adv = torch.where(nonzero > 0, adv * g.shape[1] / nonzero.clamp(min=1), adv)
+        return adv.reshape(-1)[inputs.local_slice]
+
+    def excluded(self, inputs: AdvantageInputs) -> torch.Tensor | None:
+        """The pivot (median) rollout of each odd group, for this rank's rows ``(B,)``; None without pivots."""
+        G = inputs.num_generations
+        if not self.params.drop_pivot or G % 2 == 0:
+            return None
+        g = grouped(inputs.rewards.float(), G)
+        n = (~torch.isnan(g)).sum(1)
+        order = torch.sort(torch.where(torch.isnan(g), torch.full_like(g, float("inf")), g), dim=1, stable=True).indices
+        pivot = order.gather(1, ((n - 1) // 2).clamp(min=0).unsqueeze(1)).squeeze(1)
+        out = torch.zeros_like(g, dtype=torch.bool)
+        has = n > 0
+        out[torch.arange(g.shape[0])[has], pivot[has]] = True
+        return out.reshape(-1)[inputs.local_slice]
 
 
 def _nanmedian(g: torch.Tensor, midpoint: bool) -> torch.Tensor:

@@ -77,11 +77,16 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         self.components.rollout.setup(ctx)
         if self.components.teacher is not None:
             self.components.teacher.setup(ctx)
-        reference = self.components.divergence.reference() if self.components.divergence is not None else None
-        if reference is not None:
+        for reference in self._references():
             reference.setup(ctx)
         self._synced_version = self.state.global_step
         self.pm.call("opd_trainer_init", trainer=self)
+
+    def _references(self) -> list[Any]:
+        """The reference-policy teachers the divergence and the advantage estimator name (set up with the others)."""
+        c = self.components
+        refs = [c.divergence.reference() if c.divergence is not None else None, c.advantage.reference()]
+        return [r for r in refs if r is not None]
 
     def setup_context(self) -> SetupContext:
         """What components see of this trainer (see :class:`~opd_plugins.context.SetupContext`)."""
@@ -274,13 +279,24 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         for key, value in combine_stats(gather_object([result.stats])).items():
             self._log(f"correction/{key}", value)
 
-    def score_teacher(self, out: dict[str, Any], rows: list[dict[str, Any]]) -> TeacherScores:
-        c = self.components
-        batch = TeacherBatch(
+    def teacher_batch(self, out: dict[str, Any], rows: list[dict[str, Any]]) -> TeacherBatch:
+        """What teachers score: this rank's completions with the prompts the student saw and the dataset rows."""
+        return TeacherBatch(
             prompt_ids=out["prompt_ids"], prompt_mask=out["prompt_mask"], completion_ids=out["completion_ids"],
             completion_mask=loss_mask(out).to(out["completion_mask"].dtype),
             prompts=self.step.student_prompts or [r.get("prompt") for r in rows], rows=list(rows),
         )
+
+    def reference_logps(self, reference: Any, batch: TeacherBatch, owner: str) -> TeacherScores:
+        """A reference policy's scores of the sampled tokens (``owner`` names who asked, for errors)."""
+        ref = reference.score(batch, "sampled")
+        ref.validate(batch, f"{reference.name} (reference of {owner})",
+                     allow_nonfinite=getattr(reference.params, "allow_nonfinite", False))
+        return ref
+
+    def score_teacher(self, out: dict[str, Any], rows: list[dict[str, Any]]) -> TeacherScores:
+        c = self.components
+        batch = self.teacher_batch(out, rows)
         want = c.divergence.requires()
         scores = c.teacher.score(batch, want)
         if not isinstance(scores, TeacherScores):
@@ -292,9 +308,7 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
             self._log("teacher/nonfinite_masked", n_bad)
         reference = c.divergence.reference()
         if reference is not None:  # the divergence's reference policy π_ref scores the same tokens
-            ref = reference.score(batch, "sampled")
-            ref.validate(batch, f"{reference.name} (reference of {c.divergence.name})",
-                         allow_nonfinite=getattr(reference.params, "allow_nonfinite", False))
+            ref = self.reference_logps(reference, batch, c.divergence.name)
             scores.ref_token_logps = ref.token_logps
             scores.mask = scores.mask * ref.mask
         if scores.entropy is not None:
@@ -331,15 +345,25 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
             logps = out.get("old_per_token_logps")
             if logps is None:
                 logps = self.student_outputs(self.model, out, grad=False).token_logps
+        ref_logps = None
+        if c.advantage.reference() is not None:
+            ref_logps = self.reference_logps(c.advantage.reference(), self.teacher_batch(out, rows),
+                                             c.advantage.name).token_logps
         inputs = AdvantageInputs(rewards=rewards, num_generations=num_gen, local=local, mask=mask,
                                  token_reward=token_reward if c.advantage.needs_token_reward else None,
-                                 logps=logps, step=self.state.global_step, max_steps=self.state.max_steps or 0)
+                                 logps=logps, ref_logps=ref_logps, step=self.state.global_step,
+                                 max_steps=self.state.max_steps or 0)
         if self._has_rewards or c.advantage.needs_token_reward:
             advantages = c.advantage.compute(inputs).to(device)
             if advantages.shape[0] != B:
                 raise OPDError(f"advantage {c.advantage.name!r} returned {advantages.shape[0]} values for {B} completions")
         else:
             advantages = torch.zeros(B, device=device)
+        excluded = c.advantage.excluded(inputs) if self._has_rewards and mode == "train" else None
+        if excluded is not None and bool(excluded.any()):  # e.g. MC-GRPO's median pivots leave every loss term
+            self.drop_rows(out, ~excluded.to(device))
+            mask = loss_mask(out)
+            self._log("opd/excluded_completion_frac", float(excluded.float().mean()))
         if self._has_rewards:
             degenerate = degenerate_groups(rewards, num_gen)
             self._log("opd/degenerate_group_frac", len(degenerate) / max(rewards.numel() // num_gen, 1))
@@ -358,18 +382,22 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         return advantages
 
     def drop_groups(self, out: dict[str, Any], groups: list[int], num_gen: int, local: slice) -> None:
-        """Remove the completions of ``groups`` (global group indices) from every loss term of this step: their
-        tokens leave ``completion_mask`` and the token count ``num_items_in_batch`` (so nothing else is diluted)."""
+        """Remove the completions of ``groups`` (global group indices) from every loss term of this step."""
         B = out["completion_ids"].shape[0]
         keep = torch.ones(B, dtype=torch.bool, device=out["completion_ids"].device)
         for g in groups:
             lo, hi = max(g * num_gen - local.start, 0), min((g + 1) * num_gen - local.start, B)
             if lo < hi:
                 keep[lo:hi] = False
+        self.drop_rows(out, keep)
+        self._log("opd/dropped_completion_frac", float((~keep).float().mean()))
+
+    def drop_rows(self, out: dict[str, Any], keep: torch.Tensor) -> None:
+        """Remove the completions where ``keep`` (``(B,)`` bool) is False from every loss term of this step: their
+        tokens leave ``completion_mask`` and the token count ``num_items_in_batch`` (so nothing else is diluted)."""
         out["completion_mask"] = out["completion_mask"] * keep.unsqueeze(1).to(out["completion_mask"].dtype)
         if "num_items_in_batch" in out:
             out["num_items_in_batch"] = self.accelerator.gather(loss_mask(out).sum()).sum()
-        self._log("opd/dropped_completion_frac", float((~keep).float().mean()))
 
     # ------------------------------------------------------------------------------------------------------
     # Loss

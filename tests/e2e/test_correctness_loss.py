@@ -70,3 +70,29 @@ def test_the_trainer_hands_the_sampling_policys_logps_to_the_divergence(tmp_path
     tr.train()
     assert len(seen) == 2 and all(s is not None for s in seen)
     assert seen[0] < 1e-4 < seen[1]  # step 1 trains on tokens the step-0 policy sampled: π_θ ≠ π_old there
+
+
+def _graded_reward(completion_ids, **kwargs):
+    return [float(sum(ids) % 3) for ids in completion_ids]  # three levels: odd groups have a clear median
+
+
+def test_mc_grpo_pivot_leaves_every_loss_term(tmp_path, opd_tokenizer):
+    comps = Components.build(advantage="median")
+    tr = trainer(tmp_path / "run", opd_tokenizer, build_tiny_model(opd_tokenizer), components=comps, max_steps=2,
+                 reward_funcs=[_graded_reward], num_generations=3, per_device_train_batch_size=6)
+    tr.train()
+    frac = history(tr, "opd/excluded_completion_frac")
+    assert frac and all(abs(f - 1 / 3) < 1e-6 for f in frac)  # one pivot in each group of 3
+
+
+def test_ace_with_a_reference_scores_the_batch_with_it(tmp_path, opd_tokenizer):
+    comps = Components.build(advantage=("ace", {"reference": {
+        "name": "self_context", "params": {"weights": "initial", "template": "{prompt}"}}}))
+    seen = []
+    real = comps.advantage.penalty
+    comps.advantage.penalty = lambda inputs: seen.append(inputs.ref_logps) or real(inputs)
+    tr = trainer(tmp_path / "run", opd_tokenizer, build_tiny_model(opd_tokenizer), components=comps, max_steps=1,
+                 reward_funcs=[_graded_reward])
+    tr.train()
+    assert seen and seen[0] is not None and seen[0].shape[0] == 4
+    assert comps.advantage.confidence == "reference"

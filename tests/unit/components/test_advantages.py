@@ -119,28 +119,48 @@ def naive_mc_grpo(r, G, eps=1e-3):
     return ((g - med) / (mad + eps)).reshape(-1)
 
 
+NO_RESCALE = MedianAdvantage.Params(rescale=False)  # the median/MAD formula alone, without the authors' rescale
+
+
 def test_median_hand_computed():
-    adv = MedianAdvantage().compute(inp([0.2, 0.5, 0.9], 3))
+    adv = MedianAdvantage(NO_RESCALE).compute(inp([0.2, 0.5, 0.9], 3))
     assert close(adv, [-0.3 / 0.301, 0, 0.4 / 0.301])  # med 0.5, MAD median(0.3, 0, 0.4) = 0.3
-    assert close(MedianAdvantage(MedianAdvantage.Params(scale="none")).compute(inp([0.2, 0.5, 0.9], 3)), [-0.3, 0, 0.4])
+    assert close(MedianAdvantage(MedianAdvantage.Params(scale="none", rescale=False)).compute(inp([0.2, 0.5, 0.9], 3)), [-0.3, 0, 0.4])
     # 0/1 rewards: MAD 0, so the minority rollout gets ±1/eps; ties at the median all get 0
-    assert close(MedianAdvantage().compute(inp([1, 0, 0, 1, 1, 0], 3)), [1000, 0, 0, 0, 0, -1000], atol=1e-2)
-    assert close(MedianAdvantage().compute(inp([1, 1, 1, 0, 0, 0], 3)), [0] * 6)  # all-equal groups
+    assert close(MedianAdvantage(NO_RESCALE).compute(inp([1, 0, 0, 1, 1, 0], 3)), [1000, 0, 0, 0, 0, -1000], atol=1e-2)
+    assert close(MedianAdvantage(NO_RESCALE).compute(inp([1, 1, 1, 0, 0, 0], 3)), [0] * 6)  # all-equal groups
 
 
 def test_median_pivot_gets_zero_and_matches_authors_code():
     r = torch.rand(5 * 7, generator=torch.Generator().manual_seed(4))
-    adv = MedianAdvantage().compute(AdvantageInputs(r, 5))
+    adv = MedianAdvantage(NO_RESCALE).compute(AdvantageInputs(r, 5))
     assert close(adv, naive_mc_grpo(r, 5), atol=1e-4)
     assert ((adv.view(-1, 5) == 0).sum(1) == 1).all()  # exactly one pivot per odd group
-    assert close(MedianAdvantage().compute(AdvantageInputs(r, 5, local=slice(10, 25))), adv[10:25])
+    assert close(MedianAdvantage(NO_RESCALE).compute(AdvantageInputs(r, 5, local=slice(10, 25))), adv[10:25])
 
 
 def test_median_nan_rewards_use_the_scored_ones():
     # scored [1, 2, 3, 10]: lower median 2; |dev| [1, 0, 1, 8] → lower median 1
-    adv = MedianAdvantage().compute(inp([NAN, 1, 2, 3, 10], 5))
+    adv = MedianAdvantage(NO_RESCALE).compute(inp([NAN, 1, 2, 3, 10], 5))
     assert close(adv, [0, -1 / 1.001, 0, 1 / 1.001, 8 / 1.001])
-    assert close(MedianAdvantage().compute(inp([NAN, NAN, NAN], 3)), [0, 0, 0])
+    assert close(MedianAdvantage(NO_RESCALE).compute(inp([NAN, NAN, NAN], 3)), [0, 0, 0])
+
+
+def test_median_authors_rescale_and_pivot_match_their_code():
+    """The authors' MC-GRPO: non-zero advantages × (G+1)/n_nonzero per group, and the pivot leaves the loss."""
+    adv = MedianAdvantage().compute(inp([1, 0, 0, 1, 1, 0], 3))
+    assert close(adv, [3000, 0, 0, 0, 0, -3000], atol=3e-2)  # one non-zero of 3 in each group: × 3 (the review's case)
+    r = torch.rand(5 * 7, generator=torch.Generator().manual_seed(4))
+    g = naive_mc_grpo(r, 5).view(-1, 5)
+    nonzero = (g.abs() > 1e-9).sum(1, keepdim=True)
+    assert close(MedianAdvantage().compute(AdvantageInputs(r, 5)), (g * 5 / nonzero).reshape(-1), atol=1e-3)
+    excluded = MedianAdvantage().excluded(AdvantageInputs(r, 5))
+    assert excluded.view(-1, 5).sum(1).tolist() == [1] * 7  # one pivot per group
+    assert (MedianAdvantage().compute(AdvantageInputs(r, 5))[excluded] == 0).all()  # the pivot is the median
+    ties = MedianAdvantage().excluded(inp([1, 0, 0], 3))  # stable order 0, 0, 1: the middle is the second 0
+    assert ties.tolist() == [False, False, True]
+    assert MedianAdvantage(MedianAdvantage.Params(drop_pivot=False)).excluded(inp([1, 0, 0], 3)) is None
+    assert MedianAdvantage(MedianAdvantage.Params(even_groups="midpoint")).excluded(inp([1, 0, 0, 1], 4)) is None
 
 
 def test_median_even_group_is_a_clear_error():
@@ -179,26 +199,54 @@ class TestMedianPaperDefaultsContract(AdvantageContract):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+SEQUENCE = ReinforcePPAdvantage.Params(whiten="sequence")  # the per-sequence form (the earlier default)
+
+
 def test_reinforce_pp_hand_computed():
     # x = r: mean 0.5, Bessel variance 1/3
-    adv = ReinforcePPAdvantage().compute(inp([1, 0, 0, 1], 2))
+    adv = ReinforcePPAdvantage(SEQUENCE).compute(inp([1, 0, 0, 1], 2))
     assert close(adv, torch.tensor([1, -1, -1, 1]) * 0.5 / math.sqrt(1 / 3 + 1e-8))
     # group baseline: x = [.5, -.5, 0, 0], mean 0, variance 0.5/3
-    est = ReinforcePPAdvantage(ReinforcePPAdvantage.Params(baseline="group"))
+    est = ReinforcePPAdvantage(ReinforcePPAdvantage.Params(baseline="group", whiten="sequence"))
     assert close(est.compute(inp([1, 0, 1, 1], 2)), torch.tensor([0.5, -0.5, 0, 0]) / math.sqrt(0.5 / 3 + 1e-8))
-    assert close(ReinforcePPAdvantage().compute(inp([2, 2, 2, 2], 2)), [0] * 4)  # all equal
-    assert close(ReinforcePPAdvantage().compute(inp([1, NAN, 0, NAN], 2)), [1 / math.sqrt(0.5 + 1e-8) * 0.5, 0,
+    assert close(ReinforcePPAdvantage(SEQUENCE).compute(inp([2, 2, 2, 2], 2)), [0] * 4)  # all equal
+    assert close(ReinforcePPAdvantage(SEQUENCE).compute(inp([1, NAN, 0, NAN], 2)), [1 / math.sqrt(0.5 + 1e-8) * 0.5, 0,
                                                                               -1 / math.sqrt(0.5 + 1e-8) * 0.5, 0])
 
 
 def test_reinforce_pp_groups_only_for_the_group_baseline():
     assert ReinforcePPAdvantage().min_generations == 1
-    assert ReinforcePPAdvantage(ReinforcePPAdvantage.Params(baseline="group")).min_generations == 2
+    assert ReinforcePPAdvantage(ReinforcePPAdvantage.Params(baseline="group", whiten="sequence")).min_generations == 2
     r = random_rewards(12, seed=5)
-    full = ReinforcePPAdvantage().compute(AdvantageInputs(r, 1))  # G = 1: the batch is the baseline
+    full = ReinforcePPAdvantage(SEQUENCE).compute(AdvantageInputs(r, 1))  # G = 1: the batch is the baseline
     ref = (r - torch.nanmean(r)) / torch.sqrt(r[~torch.isnan(r)].var() + 1e-8)
     assert close(full, torch.nan_to_num(ref, nan=0.0))
-    assert close(ReinforcePPAdvantage().compute(AdvantageInputs(r, 1, local=slice(3, 9))), full[3:9])
+    assert close(ReinforcePPAdvantage(SEQUENCE).compute(AdvantageInputs(r, 1, local=slice(3, 9))), full[3:9])
+
+
+def test_reinforce_pp_token_level_returns_with_a_kl_reward_are_whitened_over_tokens():
+    """REINFORCE++ proper: r_t = −β(log π − log π_ref) + outcome at the last token, G_t = Σ_{k≥t} r_k, whitened over
+    every valid token — checked against a hand loop."""
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    logps = torch.tensor([[-0.5, -1.0, -0.2], [-0.3, -0.7, 0.0]])
+    ref = torch.tensor([[-0.6, -0.8, -0.4], [-0.3, -0.9, 0.0]])
+    x = AdvantageInputs(rewards=torch.tensor([1.0, 0.0]), num_generations=1, mask=mask, logps=logps, ref_logps=ref)
+    est = _REGISTRY.build("advantage", ("reinforce_pp", {"kl_coef": 0.1, "reference": {
+        "name": "self_context", "params": {"weights": "initial", "template": "{prompt}"}}}))
+    got = est.compute(x)
+    returns = []
+    for i, n in enumerate((3, 2)):
+        r = [-0.1 * (float(logps[i, t]) - float(ref[i, t])) for t in range(n)]
+        r[-1] += float(x.rewards[i])
+        returns.append([sum(r[t:]) for t in range(n)])
+    flat = torch.tensor([g for row in returns for g in row])
+    want = (flat - flat.mean()) / torch.sqrt(flat.var() + 1e-8)
+    assert close(got[mask.bool()], want, atol=1e-5) and (got[~mask.bool()] == 0).all()
+    plain = ReinforcePPAdvantage().compute(x)  # β = 0: each token's return is its completion's outcome
+    outcome = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0])
+    assert close(plain[mask.bool()], (outcome - outcome.mean()) / torch.sqrt(outcome.var() + 1e-8), atol=1e-5)
+    with pytest.raises(ValueError, match="kl_coef > 0 .* needs reference"):
+        ReinforcePPAdvantage.Params(kl_coef=0.1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
