@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from opd_plugins import collective
 from opd_plugins.advantages.base import AdvantageEstimator, AdvantageInputs
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -38,25 +39,8 @@ def row_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def gather_rows(local: torch.Tensor, inputs: AdvantageInputs) -> torch.Tensor:
-    """This rank's per-row values ``(B,)`` → the global batch's ``(N,)``.
-
-    Every rank calls the estimator in the same step, so when a process group spans the batch the rows are
-    all-gathered. Without one (a single process, or tests that pass a slice) the other ranks' rows are NaN:
-    statistics then use the rows this process has.
-    """
-    n = inputs.rewards.shape[0]
-    local = local.float()
-    if local.shape[0] == n:
-        return local
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() * local.shape[0] == n:
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, local.contiguous())
-        return torch.cat(parts)
-    out = torch.full((n,), float("nan"), dtype=local.dtype, device=local.device)
-    out[inputs.local_slice] = local
-    return out
+    """This rank's per-row values ``(B,)`` → the global batch's ``(N,)`` (:func:`opd_plugins.collective.gather_rows`)."""
+    return collective.gather_rows(local, inputs.rewards.shape[0], inputs.local_slice)
 
 
 def require(tensor: torch.Tensor | None, what: str, owner: Any) -> torch.Tensor:

@@ -30,6 +30,7 @@ from opd_plugins.correction import combine_stats, importance_weights, weight_adv
 from opd_plugins.divergences.base import StudentOutputs
 from opd_plugins.errors import ModelLoadError, OPDError, TeacherError
 from opd_plugins.teachers.base import CAPABILITY_ORDER, TeacherBatch, TeacherScores
+from opd_plugins.token_weighting.base import GenerationBatch
 from opd_plugins.trainers.checkpointing import HookedTrainerMixin
 from opd_plugins.trainers.components import Components
 from opd_plugins.trainers.opd_config import OPDConfig
@@ -247,12 +248,39 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
             versions = [self.state.global_step] * mask.shape[0]
         out.setdefault("policy_version", torch.tensor(versions, device=mask.device))
         out["advantages"] = self.compute_advantages(out, inputs, scores, mask)
+        self.prepare_token_weightings(out, scores)
         shape = tuple(out["advantages"].shape)
         self.pm.call("opd_modify_advantages", trainer=self, batch=out, advantages=out["advantages"])
         if tuple(out["advantages"].shape) != shape:
             raise OPDError(f"a plugin's opd_modify_advantages changed the advantages' shape {shape}")
         self.pm.call("opd_advantages_computed", trainer=self, batch=out, advantages=out["advantages"])
         return out
+
+    def prepare_token_weightings(self, out: dict[str, Any], scores: TeacherScores | None) -> None:
+        """Each token weighting's statistics of the whole generation batch (before TRL shuffles and splits it),
+        stored in the batch as ``token_weighting.<i>.<key>`` and handed back to it in every micro-batch."""
+        c = self.components
+        if not c.token_weighting:
+            return
+        cache: dict[str, torch.Tensor] = {}
+
+        def student_logps() -> torch.Tensor:
+            if "logps" not in cache:
+                old = out.get("old_per_token_logps")
+                cache["logps"] = old if old is not None else self.student_outputs(self.model, out, grad=False).token_logps
+            return cache["logps"]
+
+        B = out["completion_ids"].shape[0]
+        batch = GenerationBatch(rewards=out["rewards"], global_rewards=self.step.global_rewards, local=self.step.local,
+                                num_generations=self.num_generations if self._mode() == "train"
+                                else self.num_generations_eval, mask=loss_mask(out), teacher=scores,
+                                _student_logps=student_logps)
+        for i, tw in enumerate(c.token_weighting):
+            for key, value in (tw.prepare(batch) or {}).items():
+                if value.shape[0] != B:
+                    raise OPDError(f"token weighting {tw.name!r}: prepare() returned {key!r} with {value.shape[0]} "
+                                   f"rows for {B} completions")
+                out[f"token_weighting.{i}.{key}"] = value
 
     def apply_correction(self, out: dict[str, Any], mask: torch.Tensor) -> None:
         """Importance weights for rollouts whose backend reported behaviour log-probs (docs/correction.md).
@@ -335,6 +363,7 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         else:
             rewards = torch.full((B * self.accelerator.num_processes,), float("nan"), device=device)
         out["rewards"] = rewards[local].to(device)
+        self.step.global_rewards, self.step.local = rewards, local
         token_reward = None
         need_token_reward = c.advantage.needs_token_reward or (c.divergence is not None and self.weight(c.div_reward_weight) != 0)
         if need_token_reward and scores is not None and c.divergence is not None:
@@ -495,7 +524,9 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
             detached = StudentOutputs(student.token_logps.detach(), mask,
                                       None if student.logits is None else student.logits.detach())
             for i, tw in enumerate(c.token_weighting):
-                weights = weights * tw.weights(inputs, detached, teacher)
+                prefix = f"token_weighting.{i}."
+                prepared = {k[len(prefix):]: v for k, v in inputs.items() if k.startswith(prefix)}
+                weights = weights * tw.weights({**inputs, "prepared": prepared}, detached, teacher)
                 tag = tw.name if [t.name for t in c.token_weighting].count(tw.name) == 1 else f"{tw.name}_{i}"
                 for key, value in (getattr(tw, "last_stats", None) or {}).items():
                     self._log(f"token_weighting/{tag}/{key}", float(value))

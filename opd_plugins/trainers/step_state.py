@@ -22,6 +22,7 @@ class StepState:
     * ``student_prompts``: the prompts the student generated from, after the sampler;
     * ``sampler_output``: the sampler's :class:`~opd_plugins.samplers.base.SamplerOutput` for them;
     * ``rewards_per_func``: ``(N_global, n_funcs)`` task rewards of the whole generation batch;
+    * ``global_rewards`` / ``local``: ``(N_global,)`` total rewards, and this rank's rows of them;
     * ``policy_versions``: the optimizer step each of this rank's completions was sampled at (from the rollout).
 
     Per micro-batch of the loss:
@@ -34,6 +35,8 @@ class StepState:
     student_prompts: list[Any] | None = None
     sampler_output: Any = None
     rewards_per_func: torch.Tensor | None = None
+    global_rewards: torch.Tensor | None = None
+    local: slice | None = None
     policy_versions: list[int] | None = None
     capture: bool = False
     captured_logps: torch.Tensor | None = None
@@ -41,7 +44,7 @@ class StepState:
     def new_generation_batch(self, rows: list[dict[str, Any]]) -> None:
         """Forget the previous generation batch's data; keep this one's rows."""
         self.rows, self.student_prompts, self.sampler_output = rows, None, None
-        self.rewards_per_func = self.policy_versions = None
+        self.rewards_per_func = self.policy_versions = self.global_rewards = self.local = None
 
     def take_captured(self) -> torch.Tensor | None:
         logps, self.captured_logps = self.captured_logps, None

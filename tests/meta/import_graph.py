@@ -24,7 +24,7 @@ PACKAGE = "opd_plugins"
 FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core", ("opd_plugins", "opd_plugins.markers", "opd_plugins.errors", "opd_plugins.components",
               "opd_plugins.registry", "opd_plugins.hookspecs", "opd_plugins.manager", "opd_plugins.correction",
-              "opd_plugins.paths", "opd_plugins.variants", "opd_plugins.context")),
+              "opd_plugins.paths", "opd_plugins.variants", "opd_plugins.context", "opd_plugins.collective")),
     ("recipe", ("opd_plugins.recipe",)),
     ("kinds", ("opd_plugins.teachers", "opd_plugins.divergences", "opd_plugins.token_weighting",
                "opd_plugins.advantages", "opd_plugins.samplers", "opd_plugins.rollout", "opd_plugins.schedules",

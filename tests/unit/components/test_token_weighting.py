@@ -286,3 +286,40 @@ def test_reward_gated_weighting_needs_a_task(name, tmp_path, opd_tiny_model_dir)
     msg = str(exc.value)
     assert f"token_weighting[1]: {name} gates on task rewards, but the recipe has no reward: add data.task" in msg
     assert "token_weighting[0]" not in msg  # tip reads no reward
+
+
+def test_scope_prepared_on_the_generation_batch_survives_the_shuffle():
+    """Issue 12.4: with the batch shuffled into micro-batches of 2, most rows have no sibling of their group in
+    their micro-batch; weights computed there give those rows weight 1. prepare() computes them on whole groups of
+    the generation batch, and every micro-batch then gets the whole-group weight of its rows."""
+    from opd_plugins.teachers.base import TeacherScores
+    from opd_plugins.token_weighting.base import GenerationBatch
+
+    g = torch.Generator().manual_seed(0)
+    B, T, G = 8, 3, 4
+    rewards = torch.tensor([0.0, 0, 1, 0, 0, 1, 0, 0])  # two groups of 4, mixed correctness
+    t_lp, s_lp = -torch.rand(B, T, generator=g) * 3, -torch.rand(B, T, generator=g) * 3
+    mask = torch.ones(B, T)
+    teacher = TeacherScores(token_logps=t_lp, mask=mask.clone())
+    batch = GenerationBatch(rewards=rewards, global_rewards=rewards, num_generations=G, local=slice(0, B), mask=mask,
+                            teacher=teacher, _student_logps=lambda: s_lp)
+    sc = scope(threshold=1.0)
+    prepared = sc.prepare(batch)["row_weight"]
+    # Naive reference: per group, per path, w = n·softmax(score/τ) with score −NLL_T (incorrect) or +NLL_S (correct).
+    want = torch.zeros(B)
+    for grp in range(2):
+        rows = list(range(grp * G, grp * G + G))
+        for correct in (False, True):
+            sel = [i for i in rows if (rewards[i] >= 1.0) == correct]
+            score = torch.tensor([float(-s_lp[i].mean()) if correct else float(t_lp[i].mean()) for i in sel])
+            want[sel] = len(sel) * torch.softmax(score, 0)
+    assert prepared.tolist() == pytest.approx(want.tolist(), abs=1e-5)
+    perm = torch.randperm(B, generator=g)
+    for mb in perm.split(2):  # TRL's shuffle and split
+        student, te = StudentOutputs(token_logps=s_lp[mb], mask=mask[mb]), TeacherScores(t_lp[mb], mask[mb].clone())
+        ids = torch.arange(B)[mb].unsqueeze(1).repeat(1, 2)  # distinct prompts: no sibling found in the micro-batch
+        inputs = {"rewards": rewards[mb], "prompt_ids": ids}
+        got = sc.weights({**inputs, "prepared": {"row_weight": prepared[mb]}}, student, te)[:, 0]
+        assert got.tolist() == pytest.approx(want[mb].tolist(), abs=1e-5)
+        fallback = sc.weights(inputs, student, te)[:, 0]  # the first wave's computation: singletons get 1
+        assert fallback.tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
