@@ -27,7 +27,7 @@ Both FP8 kernels pad M (tokens) to a multiple of 16 (a precaution; torch's own c
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import torch
@@ -339,6 +339,23 @@ def _skip_reason(name: str, module: nn.Module, skip: Iterable[str], min_features
     return None
 
 
+def plan_linears(named: Iterable[tuple[str, nn.Module]], skip: Iterable[str] = ("lm_head",),
+                 min_features: int = 16) -> tuple[dict[str, nn.Linear], dict[str, str]]:
+    """Split the ``nn.Linear`` modules among ``named`` ``(name, module)`` pairs into those to quantize (by name) and
+    ``{name: reason}`` for the ones left in high precision. ``skip`` entries match names by suffix (``"lm_head"``
+    matches ``lm_head`` and ``x.lm_head``)."""
+    skip = tuple(skip)
+    eligible, skipped = {}, {}
+    for name, mod in named:
+        if isinstance(mod, nn.Linear):
+            reason = _skip_reason(name, mod, skip, min_features)
+            if reason is None:
+                eligible[name] = mod
+            else:
+                skipped[name] = reason
+    return eligible, skipped
+
+
 def quantize_model(model: nn.Module, fmt: Format = "per_block", block: tuple[int, int] = (128, 128),
                    skip: Iterable[str] = ("lm_head",), min_features: int = 16) -> dict[str, FP8Linear]:
     """An :class:`FP8Linear` copy of every eligible ``nn.Linear`` of ``model`` (left untouched), by module name.
@@ -346,16 +363,13 @@ def quantize_model(model: nn.Module, fmt: Format = "per_block", block: tuple[int
     ``skip`` entries match module names by suffix (``"lm_head"`` matches ``lm_head`` and ``x.lm_head``).
     The ones left out, and why, are in :func:`skipped_linears`.
     """
-    skip = tuple(skip)
-    return {name: FP8Linear.from_linear(mod, fmt, block, name=name) for name, mod in model.named_modules()
-            if isinstance(mod, nn.Linear) and _skip_reason(name, mod, skip, min_features) is None}
+    eligible, _ = plan_linears(model.named_modules(), skip, min_features)
+    return {name: FP8Linear.from_linear(mod, fmt, block, name=name) for name, mod in eligible.items()}
 
 
 def skipped_linears(model: nn.Module, skip: Iterable[str] = ("lm_head",), min_features: int = 16) -> dict[str, str]:
     """``{module name: reason}`` for every ``nn.Linear`` that :func:`quantize_model` leaves in high precision."""
-    skip = tuple(skip)
-    found = {n: _skip_reason(n, m, skip, min_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    return {n: r for n, r in found.items() if r is not None}
+    return plan_linears(model.named_modules(), skip, min_features)[1]
 
 
 def convert_to_fp8(model: nn.Module, fmt: Format = "per_block", block: tuple[int, int] = (128, 128),
@@ -370,21 +384,23 @@ def convert_to_fp8(model: nn.Module, fmt: Format = "per_block", block: tuple[int
 
 
 @torch.no_grad()
-def requantize_from(fp8_model: nn.Module, source_model: nn.Module) -> dict[str, int]:
-    """Weight sync: re-quantize each :class:`FP8Linear` from the source ``nn.Linear`` of the same name, and copy
-    every other parameter and buffer of ``source_model`` by name. Returns ``{"requantized": n, "copied": m}``."""
+def requantize_from_state(fp8_model: nn.Module, tensors: Mapping[str, Tensor]) -> dict[str, int]:
+    """Weight sync from named tensors (``effective_state`` of a policy, e.g. a LoRA model's merged weights): each
+    :class:`FP8Linear` ``name`` is re-quantized from ``tensors[name + ".weight"]`` (and ``".bias"``), every other
+    tensor is copied into ``fp8_model``'s parameter or buffer of that name. Returns ``{"requantized": n, "copied":
+    m}``; a layer or tensor the two sides do not share is an error naming it."""
     fp8 = {n: m for n, m in fp8_model.named_modules() if isinstance(m, FP8Linear)}
     for name, mod in fp8.items():
-        try:
-            src = source_model.get_submodule(name)
-        except AttributeError:
-            raise FP8Error(f"{name}: the source model has no module of that name") from None
-        if not isinstance(src, nn.Linear):
-            raise FP8Error(f"{name}: the source module is a {type(src).__name__}, not an nn.Linear")
-        mod.requantize_(src.weight, src.bias)
+        weight, bias = tensors.get(f"{name}.weight"), tensors.get(f"{name}.bias")
+        if weight is None:
+            raise FP8Error(f"{name}: the source has no weight of that name")
+        if (bias is None) != (mod.bias is None):
+            raise FP8Error(f"{name}: the source layer {'has no' if bias is None else 'has a'} bias, this one "
+                           f"{'has' if bias is None else 'has none'}")
+        mod.requantize_(weight, bias)
     targets = dict(fp8_model.named_parameters(remove_duplicate=False)) | dict(fp8_model.named_buffers())
     copied = 0  # remove_duplicate=False: a tied weight is reached under every name, so none hides behind an FP8 one
-    for name, t in [*source_model.named_parameters(remove_duplicate=False), *source_model.named_buffers()]:
+    for name, t in tensors.items():
         if name.rpartition(".")[0] in fp8:
             continue
         if name not in targets or targets[name].shape != t.shape:
@@ -392,3 +408,111 @@ def requantize_from(fp8_model: nn.Module, source_model: nn.Module) -> dict[str, 
         targets[name].copy_(t)
         copied += 1
     return {"requantized": len(fp8), "copied": copied}
+
+
+@torch.no_grad()
+def requantize_from(fp8_model: nn.Module, source_model: nn.Module) -> dict[str, int]:
+    """Weight sync: re-quantize each :class:`FP8Linear` from the source ``nn.Linear`` of the same name, and copy
+    every other parameter and buffer of ``source_model`` by name. Returns ``{"requantized": n, "copied": m}``."""
+    for name, mod in fp8_model.named_modules():
+        if not isinstance(mod, FP8Linear):
+            continue
+        try:
+            src = source_model.get_submodule(name)
+        except AttributeError:
+            raise FP8Error(f"{name}: the source model has no module of that name") from None
+        if not isinstance(src, nn.Linear):
+            raise FP8Error(f"{name}: the source module is a {type(src).__name__}, not an nn.Linear")
+    tensors = dict(source_model.named_parameters(remove_duplicate=False)) | dict(source_model.named_buffers())
+    return requantize_from_state(fp8_model, tensors)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fake quantization in the training forward (a unified precision flow)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _CachedQuantizer:
+    """The FP8 value of one weight, quantized again only when the weight changes: another tensor (a swapped-in
+    shadow copy) or an in-place write (an optimizer step bumps the tensor's version). Keeps the FP8 tensor and its
+    scales, not a high-precision copy; the cache holds the source tensor so its storage cannot be reused by
+    another tensor while the key is live."""
+
+    def __init__(self, fmt: Format, block: tuple[int, int]) -> None:
+        self.fmt, self.block = fmt, _block(block)
+        self._key: tuple | None = None
+        self._source: Tensor | None = None
+        self._q: Tensor | None = None
+        self._scales: Tensor | None = None
+        self.quantizations = 0
+
+    def __call__(self, w: Tensor) -> Tensor:
+        key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
+        if key != self._key:
+            with torch.no_grad():
+                self._q, self._scales, _ = _quantize(w.detach(), self.fmt, self.block)
+            self._key, self._source = key, w.detach()
+            self.quantizations += 1
+        return dequantize(self._q, self._scales, self.block if self.fmt == "per_block" else None, dtype=w.dtype)
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: Tensor, quantizer: _CachedQuantizer) -> Tensor:  # noqa: D102
+        return quantizer(w)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        return grad, None
+
+
+class FakeQuantLinear(nn.Linear):
+    """An ``nn.Linear`` whose forward multiplies by its weight's FP8 value, ``fake_quantize(weight)`` (the numbers
+    an :class:`FP8Linear` of the same weight computes on the dequant path), with a straight-through gradient into
+    the high-precision master weight. Never built directly: :func:`fake_quantize_linears_` swaps the class of
+    existing ``nn.Linear`` modules, so parameter names, state dicts, checkpoints and optimizer state are unchanged
+    (and :func:`restore_linears_` swaps it back)."""
+
+    fp8_quantizer: _CachedQuantizer
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if w.requires_grad and torch.is_grad_enabled():
+            w = _StraightThrough.apply(w, self.fp8_quantizer)
+        else:
+            w = self.fp8_quantizer(w)
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        q = self.fp8_quantizer
+        fmt = f"{q.fmt}:{q.block[0]}x{q.block[1]}" if q.fmt == "per_block" else q.fmt
+        return f"{super().extra_repr()}, fake_quant={fmt}"
+
+
+def fake_quantize_linears_(modules: Mapping[str, nn.Module], fmt: Format = "per_block",
+                           block: tuple[int, int] = (128, 128)) -> list[str]:
+    """Turn each ``nn.Linear`` of ``modules`` (``{name: module}``) into a :class:`FakeQuantLinear` in place, so the
+    model's own forward (training and generation alike) runs on the FP8 weights. Only plain ``nn.Linear`` modules
+    (a subclass may have its own forward) with a 2-D high-precision weight; returns the names changed."""
+    if fmt not in FORMATS:
+        raise FP8Error(f"unknown FP8 format {fmt!r}; expected one of {FORMATS}")
+    for name, mod in modules.items():
+        if type(mod) is not nn.Linear:
+            raise FP8Error(f"{name}: a {type(mod).__name__}, not a plain nn.Linear, cannot be fake-quantized in "
+                           "place (its forward may differ); skip it")
+        _check_2d(mod.weight, f"{name}.weight")
+    for mod in modules.values():
+        mod.fp8_quantizer = _CachedQuantizer(fmt, block)
+        mod.__class__ = FakeQuantLinear
+    return list(modules)
+
+
+def restore_linears_(model: nn.Module) -> int:
+    """Undo :func:`fake_quantize_linears_` on every module of ``model``; returns how many were restored."""
+    n = 0
+    for mod in model.modules():
+        if type(mod) is FakeQuantLinear:
+            mod.__class__ = nn.Linear
+            del mod.fp8_quantizer
+            n += 1
+    return n

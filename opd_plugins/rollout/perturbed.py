@@ -8,7 +8,6 @@ backend declares its precision and behaves the same way; only the source of the 
 
 from __future__ import annotations
 
-import copy
 from typing import Any, ClassVar
 
 import torch
@@ -17,6 +16,8 @@ from pydantic import Field
 from opd_plugins.components import ComponentParams
 from opd_plugins.context import Rollouts, Sampling, SetupContext
 from opd_plugins.errors import OPDError
+from opd_plugins.rollout._fp8 import requantize_from_state
+from opd_plugins.rollout._private_copy import check_text_only, effective_state, generate_with_logprobs, private_copy
 from opd_plugins.rollout.base import RolloutBackend
 
 
@@ -33,10 +34,10 @@ class PerturbedHFGenerate(RolloutBackend):
     ``processed_logprobs``). TRL stores these as ``sampling_per_token_logps``.
 
     With ``noise_std=0`` and ``temperature_shift=0`` it samples from π itself, and the returned log-probs equal
-    the trainer's own (up to top-k/top-p truncation, which is a real mismatch too). Costs a second copy of the
-    model and keeps the scores of every step (B × L × V floats): a test and demonstration tool for small
-    models, single process or DDP (not DeepSpeed ZeRO-3 or FSDP, which shard the weights it copies).
-    Text-only.
+    the trainer's own (up to top-k/top-p truncation, which is a real mismatch too). With LoRA the copy is the
+    merged model (the noise goes on the merged weights). Costs a second copy of the model: a test and
+    demonstration tool, single process or DDP (not DeepSpeed ZeRO-3 or FSDP, which shard the weights it copies).
+    Text-only. The copy and the log-prob bookkeeping are shared with ``fp8`` (:mod:`._private_copy`).
     """
 
     name: ClassVar[str] = "perturbed_hf"
@@ -70,24 +71,9 @@ class PerturbedHFGenerate(RolloutBackend):
         ``seed`` and ``version``, so it is the same on every rank and after a resume)."""
         self.version = int(version)
         if self.behaviour_model is None:
-            self.behaviour_model = copy.deepcopy(model)
-            # Instance-level forward patches do not survive a deep copy: TRL's fused LM head (``add_fused_lm_head``)
-            # closes over the *original* model's forward, so the copy would silently run the policy. Restore the
-            # class forward everywhere.
-            for module in self.behaviour_model.modules():
-                if "forward" in vars(module):
-                    del module.forward
-            self.behaviour_model.eval()
-            self.behaviour_model.requires_grad_(False)
-            # The copy inherits the trainer's gradient checkpointing, under which transformers drops the KV cache
-            # while generate still feeds one token per step: every token after the first would be scored
-            # without its context. Generation needs the cache.
-            if getattr(self.behaviour_model, "is_gradient_checkpointing", False):
-                self.behaviour_model.gradient_checkpointing_disable()
-            if getattr(self.behaviour_model, "config", None) is not None:
-                self.behaviour_model.config.use_cache = True
+            self.behaviour_model = private_copy(model, "rollout 'perturbed_hf'")
         else:
-            self.behaviour_model.load_state_dict(model.state_dict())
+            requantize_from_state(self.behaviour_model, effective_state(model))  # no FP8 layer here: a plain copy
         std = self.params.noise_std
         if std > 0:
             gen = torch.Generator().manual_seed(self.params.seed * 1_000_003 + self.version)
@@ -98,62 +84,19 @@ class PerturbedHFGenerate(RolloutBackend):
 
     # ------------------------------------------------------------------------------------------------------
     def generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> Rollouts:
-        from trl.trainer.utils import pad
-
         ctx = self._ctx
         if ctx is None:
             raise RuntimeError("perturbed_hf rollout used before setup()")
-        if sampling.multimodal_fields or sampling.has_tool_images or any(i is not None for i in (sampling.images or [])):
-            raise OPDError("rollout 'perturbed_hf' is text-only; use 'hf_generate' for vision-language models")
+        check_text_only(sampling, self.name)
         if sampling.step != self.version:
             self.sync_weights(ctx.model, sampling.step)
-        tok = ctx.tokenizer
-        tok = getattr(tok, "tokenizer", tok)
-        prompts = [torch.tensor(ids) for ids in prompt_ids]
-        input_ids = pad(prompts, padding_value=tok.pad_token_id, padding_side="left",
-                        pad_to_multiple_of=ctx.pad_to_multiple_of)
-        attention_mask = pad([torch.ones_like(p) for p in prompts], padding_value=0, padding_side="left",
-                             pad_to_multiple_of=ctx.pad_to_multiple_of)
-        device = next(self.behaviour_model.parameters()).device
-        config = self._generation_config(ctx, tok)
-        with torch.no_grad():
-            out = self.behaviour_model.generate(input_ids=input_ids.to(device),
-                                                attention_mask=attention_mask.to(device), generation_config=config)
-        completions = out.sequences[:, input_ids.shape[1]:]
-        logps = torch.stack([torch.log_softmax(s.float(), dim=-1).gather(-1, completions[:, t:t + 1]).squeeze(-1)
-                             for t, s in enumerate(out.scores)], dim=1) if out.scores else completions.float()
-        # Keep everything up to and including the first EOS, as TRL's own generation path does.
-        eos = torch.tensor(_eos_ids(ctx, tok), device=completions.device)
-        is_eos = torch.isin(completions, eos)
-        first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], completions.shape[1],
-                                                                                  dtype=torch.long))
-        keep = torch.arange(completions.shape[1], device=completions.device).unsqueeze(0) <= first.unsqueeze(1)
-        completion_ids = [c[k].tolist() for c, k in zip(completions.cpu(), keep.cpu(), strict=True)]
-        logprobs = [lp[k].tolist() for lp, k in zip(logps.cpu(), keep.cpu(), strict=True)]
-        return Rollouts(completion_ids, logprobs, self.version)
-
-    def _generation_config(self, ctx: SetupContext, tok: Any) -> Any:
-        from transformers import GenerationConfig
-
-        if ctx.generation_config is not None:
-            config = copy.deepcopy(ctx.generation_config)
-        else:
-            config = GenerationConfig(max_new_tokens=ctx.max_completion_length or 256, do_sample=True, top_k=0,
-                                      top_p=1.0, pad_token_id=tok.pad_token_id, eos_token_id=_eos_ids(ctx, tok))
         temperature = float(ctx.temperature) + self.params.temperature_shift
         if temperature <= 0:
             raise OPDError(f"rollout 'perturbed_hf': temperature {ctx.temperature} + temperature_shift "
                            f"{self.params.temperature_shift} is not positive")
-        config.temperature = temperature
-        config.do_sample = True
-        config.output_scores = True
-        config.return_dict_in_generate = True
-        return config
-
-
-def _eos_ids(ctx: SetupContext, tok: Any) -> list[int]:
-    ids = ctx.eos_token_ids if ctx.eos_token_ids is not None else [tok.eos_token_id]
-    return list(ids) if isinstance(ids, (list, tuple)) else [ids]
+        completion_ids, logprobs = generate_with_logprobs(self.behaviour_model, ctx, prompt_ids,
+                                                          temperature=temperature, who=self.name)
+        return Rollouts(completion_ids, logprobs, self.version)
 
 
 __all__ = ["PerturbedHFGenerate"]
