@@ -2,6 +2,7 @@
 
 from opd_plugins.markers import hookimpl
 from opd_plugins.rollout.base import RolloutBackend
+from opd_plugins.rollout.fp8 import FP8Rollout
 from opd_plugins.rollout.hf_generate import HFGenerate
 from opd_plugins.rollout.perturbed import PerturbedHFGenerate
 from opd_plugins.rollout.replay import ReplayRollout
@@ -9,7 +10,7 @@ from opd_plugins.rollout.replay import ReplayRollout
 
 @hookimpl
 def opd_register_components():
-    return [HFGenerate, PerturbedHFGenerate, ReplayRollout]
+    return [HFGenerate, PerturbedHFGenerate, ReplayRollout, FP8Rollout]
 
 
-__all__ = ["RolloutBackend", "HFGenerate", "PerturbedHFGenerate", "ReplayRollout"]
+__all__ = ["RolloutBackend", "HFGenerate", "PerturbedHFGenerate", "ReplayRollout", "FP8Rollout"]
