@@ -179,7 +179,9 @@ def importance_weights(train_logps: torch.Tensor, behaviour_logps: torch.Tensor,
           come from μ, so E_μ[r] = 1 and k3 is unbiased for KL(μ‖π); it is never negative and has lower
           variance than ``mismatch_kl_k1`` = mean of −log r (also unbiased, can be negative). Both are 0 when
           μ = π.
-        * ``logp_diff_abs_mean``, ``logp_diff_abs_max``: |log π − log μ| (TRL's ``sampling_logp_difference``).
+        * ``logp_diff_abs_mean``, ``logp_diff_abs_max``: |log π − log μ| (TRL's ``sampling_logp_difference``);
+          ``logp_diff_abs_p50``, ``logp_diff_abs_p90``, ``logp_diff_abs_p99``: its quantiles (the gap's tail: a
+          low-precision engine shifts most tokens a little and a few a lot).
         * ``ratio_min``, ``ratio_p50``, ``ratio_p90``, ``ratio_max``: quantiles of the token ratio ρ_t;
           ``seq_ratio_min`` ... ``seq_ratio_max``: the same for the sequence ratio ρ(y) (sequences with at
           least one valid token). Both are reported in every mode; the mode decides which one is used.
@@ -261,9 +263,13 @@ def combine_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _quantiles(x: torch.Tensor, prefix: str) -> dict[str, float]:
+def _quantiles(x: torch.Tensor, prefix: str, points: tuple[int, ...] = (50, 90), ends: bool = True,
+               empty: float = 1.0) -> dict[str, float]:
+    """``{prefix}_p<k>`` for each percentile in ``points`` (and ``_min``/``_max`` with ``ends``); ``empty`` when
+    ``x`` has no element."""
+    keys = [f"p{k}" for k in points] + (["min", "max"] if ends else [])
     if x.numel() == 0:
-        return {f"{prefix}_{k}": 1.0 for k in ("min", "p50", "p90", "max")}
+        return {f"{prefix}_{k}": empty for k in keys}
     s, _ = torch.sort(x.flatten().double())
     n = s.numel()
 
@@ -273,8 +279,11 @@ def _quantiles(x: torch.Tensor, prefix: str) -> dict[str, float]:
         j = min(i + 1, n - 1)
         return float(s[i] + (s[j] - s[i]) * (pos - i))
 
-    return {f"{prefix}_min": float(s[0]), f"{prefix}_p50": q(0.5), f"{prefix}_p90": q(0.9),
-            f"{prefix}_max": float(s[-1])}
+    out = {f"{prefix}_min": float(s[0])} if ends else {}
+    out.update({f"{prefix}_p{k}": q(k / 100) for k in points})
+    if ends:
+        out[f"{prefix}_max"] = float(s[-1])
+    return out
 
 
 def _stats(log_ratio, token_ratio, seq_ratio, weights, valid, masked, truncated, nan) -> dict[str, float]:
@@ -299,6 +308,7 @@ def _stats(log_ratio, token_ratio, seq_ratio, weights, valid, masked, truncated,
             ess=float(w.sum() ** 2 / (n * w2)) if w2 > 0 else 0.0,
             nan_frac=float(nan.sum()) / n,
         )
+    stats.update(_quantiles(log_ratio[valid].abs(), "logp_diff_abs", (50, 90, 99), ends=False, empty=0.0))
     stats.update(_quantiles(token_ratio[valid], "ratio"))
     stats.update(_quantiles(seq_ratio, "seq_ratio"))
     return stats
