@@ -15,6 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from opd_plugins.errors import OPDError, PluginLoadError, Problem, RecipeError, did_you_mean, fields_at, pydantic_problems
+from opd_plugins.recipe import yaml_io
 from opd_plugins.recipe.preference import legacy_rewrite
 from opd_plugins.recipe.rules import GENERIC_RULES, RecipeContext, device_problems, device_rule
 from opd_plugins.recipe.schema import Recipe
@@ -28,20 +29,24 @@ SECRET_WORDS = ("api_key", "apikey", "token", "secret", "password", "authorizati
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a recipe file with ``yaml.safe_load``; every failure is a :class:`RecipeError` naming the file."""
-    path = Path(path)
+    """Read a recipe file with :mod:`~opd_plugins.recipe.yaml_io`'s safe loader; every failure is a
+    :class:`RecipeError` naming the file (too large, not UTF-8, malformed, an alias bomb, a duplicate key, ...)."""
+    path = Path(path).expanduser()
     if not path.exists():
         raise RecipeError(f"recipe file does not exist: {path}", source=str(path))
     if path.is_dir():
         raise RecipeError(f"recipe path is a directory, not a YAML file: {path}", source=str(path))
-    text = path.read_text(encoding="utf-8")
     try:
-        raw = yaml.safe_load(text)
+        text = yaml_io.read_text(path)
+    except ValueError as exc:
+        raise RecipeError(str(exc), source=str(path)) from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read the recipe: {exc.strerror or exc}", source=str(path)) from None
+    try:
+        raw = yaml_io.load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise RecipeError(f"malformed YAML{where}: {problem}", source=str(path)) from None
+        kind = "refused YAML" if isinstance(exc, yaml_io.YAMLLimitError) else "malformed YAML"
+        raise RecipeError(f"{kind}{yaml_io.describe(exc)}", source=str(path)) from None
     if raw is None:
         raise RecipeError("the recipe is empty", source=str(path))
     if not isinstance(raw, dict):
@@ -62,7 +67,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key.strip() or any(not p for p in parts):
         raise RecipeError(f"override {text!r} has an empty key part")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = yaml_io.load(value) if value.strip() else ""
+    except yaml_io.YAMLLimitError as exc:
+        raise RecipeError(f"override {key.strip()}=...: refused YAML{yaml_io.describe(exc)}") from None
     except yaml.YAMLError:
         parsed = value
     return parts, parsed

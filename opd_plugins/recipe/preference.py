@@ -13,7 +13,14 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from opd_plugins.errors import Problem
-from opd_plugins.recipe.trainer_args import cached_field_names, name_problems, versions_key
+from opd_plugins.recipe.trainer_args import (
+    RANGES,
+    cached_field_names,
+    cached_fields,
+    name_problems,
+    value_problems,
+    versions_key,
+)
 
 # The pairwise loss types of TRL 1.16's DPOTrainer (each a branch of DPOTrainer._compute_loss; a unit test checks
 # they still are). Left out: 'sft' (no preference term on its own).
@@ -36,17 +43,19 @@ class Sampling(BaseModel):
 
 
 SAMPLING_ARGS = tuple(Sampling.model_fields)
+_SAMPLING_FIELDS = {name: {"types": [info.annotation.__name__], "choices": None, "default": info.default}
+                    for name, info in Sampling.model_fields.items()}
+
+
+def _dpo_config() -> type:
+    from trl import DPOConfig
+
+    return DPOConfig
 
 
 def dpo_arg_names() -> set[str]:
     """Every TRL ``DPOConfig`` field name (cached per version in the user cache: ``validate`` stays fast)."""
-
-    def load() -> type:
-        from trl import DPOConfig
-
-        return DPOConfig
-
-    return cached_field_names(f"dpo_args-{versions_key('trl', 'transformers')}", load)
+    return cached_field_names(f"dpo_args-{versions_key('trl', 'transformers')}", _dpo_config)
 
 
 def grpo_arg_names() -> set[str]:
@@ -68,7 +77,8 @@ def is_text_teacher(teacher: Any) -> bool:
 def arg_problems(args: dict[str, Any]) -> list[Problem]:
     """``trainer.args`` of a SODA recipe: DPOConfig fields or the snapshot's :class:`Sampling` keys, with valid
     values for the DPO loss."""
-    names = dpo_arg_names()
+    fields = cached_fields(f"dpo_args-{versions_key('trl', 'transformers')}", _dpo_config)
+    names = set(fields)
 
     def explain(key: str) -> str:
         why = (f"{key} is an on-policy (GRPO/OPD) option, and SODA has no rollouts: pairs are built once"
@@ -76,11 +86,15 @@ def arg_problems(args: dict[str, Any]) -> list[Problem]:
         return f"not an argument of TRL's DPOConfig, which trains this recipe (trainer soda): {why}"
 
     problems = name_problems(args, names, explain=explain, allowed=SAMPLING_ARGS)
-    try:
-        Sampling.model_validate(args)
-    except ValidationError as exc:
-        for err in exc.errors():
-            problems.append(Problem(f"trainer.args.{err['loc'][0]}", f"{err['msg']} [got {err.get('input')!r}]"))
+    ranges = {**{k: v for k, v in RANGES.items() if k != "beta"},  # beta: the DPO check below
+              "temperature": (lambda v: v >= 0, ">= 0 (0 = greedy)")}
+    problems += value_problems(args, {**fields, **_SAMPLING_FIELDS}, ranges=ranges)
+    if not any(p.path.removeprefix("trainer.args.") in SAMPLING_ARGS for p in problems):
+        try:
+            Sampling.model_validate(args)
+        except ValidationError as exc:
+            for err in exc.errors():
+                problems.append(Problem(f"trainer.args.{err['loc'][0]}", f"{err['msg']} [got {err.get('input')!r}]"))
     loss_types = args.get("loss_type", "sigmoid")
     loss_types = loss_types if isinstance(loss_types, list) else [loss_types]
     bad = [t for t in loss_types if t not in LOSS_TYPES]

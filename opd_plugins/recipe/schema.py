@@ -133,6 +133,26 @@ class TrainerSpec(Strict):
                                  "GRPOConfig) for opd, TRL's DPOConfig for soda.")
 
 
+def check_output_dir(value: str) -> str:
+    """``value`` with ``~`` expanded; ``ValueError`` for a path that cannot be a run directory: empty, the
+    filesystem root, the home directory, or one holding a NUL byte. (``--overwrite`` deletes the run directory.)"""
+    import os
+
+    text = value.strip()
+    if not text:
+        raise ValueError("output_dir is empty; name the run directory, e.g. output_dir: runs/my_run")
+    if "\0" in text:
+        raise ValueError("output_dir contains a NUL byte")
+    path = os.path.expanduser(text)
+    real = os.path.realpath(path)
+    if real == os.path.realpath(os.sep) or os.path.dirname(real) == real:
+        raise ValueError(f"output_dir {value!r} is the filesystem root; name a directory of its own, e.g. runs/my_run")
+    if real == os.path.realpath(os.path.expanduser("~")):
+        raise ValueError(f"output_dir {value!r} is your home directory; name a directory of its own, e.g. "
+                         "~/runs/my_run")
+    return path
+
+
 class Recipe(Strict):
     """A whole training recipe."""
 
@@ -152,11 +172,16 @@ class Recipe(Strict):
         "Rollout-mismatch correction: a preset (tis, mis, icepop, none), {preset: ..., <field overrides>}, or "
         "{mode, clip_max, clip_min}. See docs/correction.md."))
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
-    output_dir: str
+    output_dir: str = Field(description="The run directory (created; `~` is expanded).")
     seed: int = 0
     _source: str = PrivateAttr("<recipe>")
     _components: dict[str, Any] | None = PrivateAttr(None)
     _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _check_output_dir(cls, value: str) -> str:
+        return check_output_dir(value)
 
     @property
     def source(self) -> str:

@@ -72,7 +72,7 @@ def test_teacher_equal_to_student_through_the_cache_gives_zero_divergence(files,
 
     r, pm = recipe(tmp_path, student, rollouts,
                    {"name": "offline_cache", "params": {"path": str(cache), "teacher": str(student)}},
-                   rollout={"name": "replay", "params": {"path": str(cache)}}, learning_rate=0.0)
+                   rollout={"name": "replay", "params": {"path": str(cache)}}, learning_rate=1e-9)  # ~frozen (0 is refused)
     loads = []
     real = models.load_causal_lm
     monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: loads.append(a) or real(*a, **k))
