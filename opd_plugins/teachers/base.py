@@ -80,26 +80,20 @@ class TeacherScores:
         return cls(**{k: batch[prefix + k] for k in cls.TENSOR_FIELDS if prefix + k in batch})
 
     def validate(self, batch: TeacherBatch, source: str, *, allow_nonfinite: bool = False) -> int:
-        """Check shapes and finiteness against the batch; returns how many non-finite positions were masked.
+        """Check the scores against the batch before anything trains on them; returns how many non-finite
+        positions were masked.
 
-        Never lets missing, misaligned or NaN teacher data reach the loss silently: a mismatch raises
-        :class:`TeacherError` naming the teacher; non-finite values raise unless ``allow_nonfinite``, in which
-        case those positions are masked out and counted.
+        Raises :class:`TeacherError` naming the teacher for: shapes that do not match the completions; log-probs
+        that are not floating point (e.g. booleans); non-finite values (NaN/inf in token log-probs, top-k, full
+        log-probs, top-k mass, entropy or reference log-probs), unless ``allow_nonfinite``, in which case those
+        positions are masked out and counted; and, at the positions that train, implausible values: log-probs
+        above 0 or below :data:`MIN_PLAUSIBLE_LOGP`, top-k entries out of order, repeated or negative ids, a
+        sampled token among the top-k whose log-prob differs from its top-k entry (or one outside it that beats
+        the k-th), a total probability above 1, full log-probs that do not sum to 1, negative entropy.
         """
-        expected = tuple(batch.completion_ids.shape)
-        if tuple(self.token_logps.shape) != expected:
-            raise TeacherError(
-                f"teacher {source!r} returned token log-probs of shape {tuple(self.token_logps.shape)} for "
-                f"completions of shape {expected} (batch size, completion length): misaligned teacher data"
-            )
-        for name in ("topk_logps", "topk_ids", "logps"):
-            t = getattr(self, name)
-            if t is not None and tuple(t.shape[:2]) != expected:
-                raise TeacherError(f"teacher {source!r} returned {name} of shape {tuple(t.shape)}; expected {expected} + (K or V,)")
-        valid = batch.completion_mask.bool() & self.mask.bool()
-        bad = ~torch.isfinite(self.token_logps) & valid
-        if self.logps is not None:
-            bad |= ~torch.isfinite(self.logps).all(-1) & valid
+        check_shapes(self, tuple(batch.completion_ids.shape), source)
+        valid = batch.completion_mask.bool().to(self.mask.device) & self.mask.bool()
+        bad = nonfinite_positions(self) & valid
         n_bad = int(bad.sum())
         if n_bad:
             if not allow_nonfinite:
@@ -108,10 +102,16 @@ class TeacherScores:
                     f"teacher {source!r} returned {n_bad} non-finite log-probs (NaN/inf) in rows {rows} of this batch. "
                     "Set the teacher param allow_nonfinite: true to mask and count them instead."
                 )
-            self.mask = (valid & ~bad).to(self.mask.dtype)
-            self.token_logps = torch.where(bad, torch.zeros_like(self.token_logps), self.token_logps)
-            if self.logps is not None:
-                self.logps = torch.where(bad.unsqueeze(-1), torch.zeros_like(self.logps), self.logps)
+            valid = valid & ~bad
+            self.mask = valid.to(self.mask.dtype)
+            for name in _FLOAT_FIELDS:
+                t = getattr(self, name)
+                if t is not None:
+                    setattr(self, name, torch.where(bad.view(*bad.shape, *[1] * (t.dim() - 2)), torch.zeros_like(t), t))
+        problem = implausible(self, batch.completion_ids.to(self.token_logps.device), valid)
+        if problem:
+            raise TeacherError(f"teacher {source!r} returned implausible scores: {problem}. Not training on them: "
+                               "the teacher (or its server, or the cache) is broken or misconfigured")
         return n_bad
 
 
@@ -177,3 +177,120 @@ def score_with_causal_lm(
     cat = {k: (torch.cat(v) if v else None) for k, v in out.items()}
     cat["token_logps"] = cat["token_logps"] * mask
     return TeacherScores(mask=mask, **cat)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks of teacher scores (TeacherScores.validate)
+# ---------------------------------------------------------------------------------------------------------------
+
+LOGP_TOLERANCE = 1e-3
+"""How far above 0 a log-prob may round (float16/bfloat16 storage and reductions)."""
+MIN_PLAUSIBLE_LOGP = -1e4
+"""The lowest log-prob believed: float32 ``exp`` is 0 below about -104, so lower values are sentinels (−1e30 for
+"masked"), not probabilities."""
+MASS_TOLERANCE = 1e-2
+"""How far above 1 a total probability (top-k mass, sampled token plus top-k) may round."""
+
+_FLOAT_FIELDS = ("token_logps", "topk_logps", "topk_mass", "logps", "entropy", "ref_token_logps")
+
+
+def check_shapes(scores: TeacherScores, expected: tuple[int, ...], source: str) -> None:
+    """:class:`TeacherError` unless every tensor is aligned with completions of shape ``expected`` ``(B, T)``,
+    log-probs are floating point and top-k ids are integers of the top-k's shape."""
+    if tuple(scores.token_logps.shape) != expected:
+        raise TeacherError(
+            f"teacher {source!r} returned token log-probs of shape {tuple(scores.token_logps.shape)} for "
+            f"completions of shape {expected} (batch size, completion length): misaligned teacher data"
+        )
+    for name in ("topk_logps", "topk_ids", "logps"):
+        t = getattr(scores, name)
+        if t is not None and (t.dim() != 3 or tuple(t.shape[:2]) != expected):
+            raise TeacherError(f"teacher {source!r} returned {name} of shape {tuple(t.shape)}; expected {expected} "
+                               "+ (K or V,)")
+    for name in ("mask", "topk_mass", "entropy", "ref_token_logps"):
+        t = getattr(scores, name)
+        if t is not None and tuple(t.shape) != expected:
+            raise TeacherError(f"teacher {source!r} returned {name} of shape {tuple(t.shape)}; expected {expected}")
+    for name in _FLOAT_FIELDS:
+        t = getattr(scores, name)
+        if t is not None and not t.is_floating_point():
+            raise TeacherError(f"teacher {source!r} returned {name} of dtype {t.dtype}; log-probs must be floating "
+                               "point numbers (not booleans or integers)")
+    if (scores.topk_ids is None) != (scores.topk_logps is None):
+        raise TeacherError(f"teacher {source!r} returned top-k {'ids' if scores.topk_logps is None else 'log-probs'} "
+                           "without the matching top-k " + ("log-probs" if scores.topk_logps is None else "ids"))
+    if scores.topk_ids is not None:
+        if scores.topk_ids.is_floating_point() or scores.topk_ids.dtype == torch.bool:
+            raise TeacherError(f"teacher {source!r} returned topk_ids of dtype {scores.topk_ids.dtype}; token ids "
+                               "must be integers")
+        if scores.topk_ids.shape != scores.topk_logps.shape:
+            raise TeacherError(f"teacher {source!r} returned topk_ids of shape {tuple(scores.topk_ids.shape)} and "
+                               f"topk_logps of shape {tuple(scores.topk_logps.shape)}")
+
+
+def nonfinite_positions(scores: TeacherScores) -> torch.Tensor:
+    """``(B, T)`` positions where any score is NaN or infinite."""
+    bad = torch.zeros_like(scores.mask, dtype=torch.bool)
+    for name in _FLOAT_FIELDS:
+        t = getattr(scores, name)
+        if t is not None:
+            finite = torch.isfinite(t)
+            bad |= ~(finite.flatten(2).all(-1) if t.dim() > 2 else finite)
+    return bad
+
+
+def implausible(scores: TeacherScores, completion_ids: torch.Tensor, valid: torch.Tensor) -> str | None:
+    """What is implausible about the scores at the ``valid`` positions (first problem found), or None."""
+    tol = LOGP_TOLERANCE
+    token = scores.token_logps.float()
+    checks: list[tuple[str, torch.Tensor, torch.Tensor | None]] = [
+        ("a token log-prob above 0 (a probability above 1)", token > tol, token),
+        (f"a token log-prob below {MIN_PLAUSIBLE_LOGP:g} (a sentinel, not a log-prob)", token < MIN_PLAUSIBLE_LOGP,
+         token),
+    ]
+    if scores.ref_token_logps is not None:
+        ref = scores.ref_token_logps.float()
+        checks.append(("a reference log-prob above 0", ref > tol, ref))
+    if scores.entropy is not None:
+        checks.append(("a negative entropy", scores.entropy.float() < -tol, scores.entropy.float()))
+    if scores.topk_logps is not None and scores.topk_logps.shape[-1] > 0:
+        top = scores.topk_logps.float()
+        ids = scores.topk_ids.to(completion_ids.device)
+        checks += [
+            ("a top-k log-prob above 0", (top > tol).any(-1), top.amax(-1)),
+            (f"a top-k log-prob below {MIN_PLAUSIBLE_LOGP:g}", (top < MIN_PLAUSIBLE_LOGP).any(-1), top.amin(-1)),
+            ("top-k entries not sorted best first", (top[..., 1:] - top[..., :-1] > tol).any(-1), None),
+            ("a negative top-k token id", (ids < 0).any(-1), None),
+        ]
+        ordered = ids.sort(-1).values
+        checks.append(("the same token id twice in one position's top-k", (ordered[..., 1:] == ordered[..., :-1])
+                       .any(-1), None))
+        hit = ids == completion_ids.unsqueeze(-1)
+        among = hit.any(-1)
+        at_hit = torch.where(hit, top, torch.zeros_like(top)).sum(-1)
+        slack = tol + 2e-3 * token.abs()  # float16 top-k storage: |error| <= |logp| * 2^-11
+        checks.append(("the sampled token's log-prob differs from its own top-k entry",
+                       among & ((at_hit - token).abs() > slack), token))
+        checks.append(("the sampled token is outside the top-k but more likely than the k-th entry",
+                       ~among & (token > top[..., -1] + slack), token))
+        mass = top.exp().sum(-1) + torch.where(among, torch.zeros_like(token), token.exp())
+        checks.append(("top-k probabilities (with the sampled token) that sum to more than 1",
+                       mass > 1 + MASS_TOLERANCE, mass))
+    if scores.topk_mass is not None:
+        m = scores.topk_mass.float()
+        checks.append(("a top-k mass outside [0, 1]", (m < -tol) | (m > 1 + MASS_TOLERANCE), m))
+    if scores.logps is not None:
+        full = scores.logps.float()
+        total = torch.logsumexp(full, -1)
+        checks.append(("full-vocabulary log-probs that do not sum to probability 1", (total.abs() > 1e-2), total.exp()))
+        gathered = full.gather(-1, completion_ids.clamp(0, full.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+        checks.append(("token log-probs that differ from the full-vocabulary log-probs of the same tokens",
+                       (gathered - token).abs() > tol + 1e-3 * token.abs(), token))
+    for what, flagged, values in checks:
+        flagged = flagged & valid
+        if bool(flagged.any()):
+            row, pos = (int(i) for i in flagged.nonzero()[0].tolist())
+            shown = f" (= {float(values[row, pos]):.6g})" if values is not None else ""
+            return (f"{what} at row {row}, completion position {pos}{shown}; {int(flagged.sum())} such position"
+                    f"{'s' if int(flagged.sum()) != 1 else ''} in this batch")
+    return None

@@ -3,13 +3,19 @@
 Standard library only (``urllib``): transient failures (connection errors, timeouts, HTTP 5xx/408/429, malformed
 JSON) are retried with exponential backoff; anything else is a ``TeacherError`` that names the component, the URL,
 the HTTP status with the server's own message, and what to change. The API key never appears in a message.
+
+``timeout_s`` is a total deadline per request attempt (connecting, sending, the status line, headers and the whole
+body), not a per-read timeout: a server that drips a byte at a time cannot hold a request for longer (a watchdog
+shuts the socket down when the deadline passes).
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
+import socket
 import threading
 import time
 import urllib.error
@@ -103,26 +109,29 @@ class JSONClient:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         req = urllib.request.Request(url, data=data, headers=headers, method=method)
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as exc:
-            detail = self.scrub(error_detail(exc))
-            if exc.code >= 500 or exc.code in RETRY_STATUSES:
-                raise Retryable(f"HTTP {exc.code}: {detail}") from None
-            env = self.api_key_env
-            hints = {401: "the server requires an API key: set api_key_env to the name of the variable holding it"
-                          + (f" (now {env}, whose key was refused)" if env else ""),
-                     403: "the API key was refused",
-                     404: "check base_url and model",
-                     **self.status_hints}
-            hint = hints.get(exc.code, "the server refused the request")
-            raise TeacherError(f"teacher {self.name}: {url} answered HTTP {exc.code} while {what}: {detail}. "
-                               f"{hint}.") from None
-        except (TimeoutError, OSError) as exc:  # URLError is an OSError
-            raise Retryable(describe_network_error(exc, self.timeout_s)) from None
-        except Exception as exc:  # http.client.IncompleteRead/RemoteDisconnected and friends
-            raise Retryable(f"{type(exc).__name__}: {exc}") from None
+        with Deadline(self.timeout_s) as deadline:  # also bounds reading an error's body
+            try:
+                with deadline.opener().open(req, timeout=self.timeout_s) as resp:
+                    raw = deadline.read(resp)
+            except urllib.error.HTTPError as exc:
+                detail = self.scrub(error_detail(exc))
+                if deadline.expired:
+                    raise Retryable(deadline.why()) from None
+                if exc.code >= 500 or exc.code in RETRY_STATUSES:
+                    raise Retryable(f"HTTP {exc.code}: {detail}") from None
+                env = self.api_key_env
+                hints = {401: "the server requires an API key: set api_key_env to the name of the variable holding "
+                              "it" + (f" (now {env}, whose key was refused)" if env else ""),
+                         403: "the API key was refused",
+                         404: "check base_url and model",
+                         **self.status_hints}
+                hint = hints.get(exc.code, "the server refused the request")
+                raise TeacherError(f"teacher {self.name}: {url} answered HTTP {exc.code} while {what}: {detail}. "
+                                   f"{hint}.") from None
+            except (TimeoutError, OSError) as exc:  # URLError is an OSError
+                raise Retryable(deadline.why() or describe_network_error(exc, self.timeout_s)) from None
+            except Exception as exc:  # http.client.IncompleteRead/RemoteDisconnected and friends
+                raise Retryable(deadline.why() or f"{type(exc).__name__}: {exc}") from None
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -132,6 +141,89 @@ class JSONClient:
     def scrub(self, text: str) -> str:
         """``text`` with the API key replaced by ``***``."""
         return text.replace(self.api_key, "***") if self.api_key else text
+
+
+class Deadline:
+    """A total time limit for one HTTP exchange: the sockets it opens (:meth:`opener`) are shut down by a timer
+    when ``seconds`` have passed, so no sequence of slow reads can outlast it. Use as a context manager around
+    the request and :meth:`read` of the body."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> "Deadline":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._timer.cancel()
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        """An opener whose HTTP(S) connections are watched by this deadline (the timer starts now)."""
+        deadline = self
+
+        def watched(base: type) -> type:
+            class Watched(base):  # type: ignore[misc, valid-type]
+                def connect(self) -> None:
+                    super().connect()
+                    deadline.watch(self.sock)
+
+            return Watched
+
+        http_cls, https_cls = watched(http.client.HTTPConnection), watched(http.client.HTTPSConnection)
+
+        class HTTPHandler(urllib.request.HTTPHandler):
+            def http_open(self, req):  # noqa: ANN001, ANN201 - urllib's signature
+                return self.do_open(http_cls, req)
+
+        class HTTPSHandler(urllib.request.HTTPSHandler):
+            def https_open(self, req):  # noqa: ANN001, ANN201
+                return self.do_open(https_cls, req, context=self._context)
+
+        self._timer.start()
+        return urllib.request.build_opener(HTTPHandler, HTTPSHandler)
+
+    def watch(self, sock: socket.socket | None) -> None:
+        if sock is None:
+            return
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shutdown(sock)
+
+    def read(self, resp: Any) -> bytes:
+        """The whole body of ``resp``, read a chunk at a time until the end or the deadline."""
+        chunks = []
+        while not self.expired:
+            chunk = resp.read1(1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        if self.expired:
+            raise TimeoutError(self.why())
+        return b"".join(chunks)
+
+    def why(self) -> str:
+        """The error text once the deadline has passed ('' before)."""
+        return f"timed out after {self.seconds:g} s (the whole response must arrive within timeout_s)" \
+            if self.expired else ""
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shutdown(sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def error_detail(exc: urllib.error.HTTPError) -> str:

@@ -16,7 +16,8 @@ from opd_plugins.errors import OPDError, TeacherError
 from opd_plugins.teachers.base import Capability, Teacher, TeacherBatch, TeacherScores
 from opd_plugins.teachers.http import JSONClient, check_api_key_env, check_base_url, read_api_key
 
-_PROBE_TEXT = "The answer is 42. Check: 6 * 7 = 42, so we are done."
+_PROBE_TEXT = ("The answer is 42. Check: 6 * 7 = 42, so we are done.\n\tdef f(x):\n        return x ** 2  # "
+               "naïve café, Straße; 数学 ∑ π ≈ 3.14159 🙂 <tag attr=\"v\">")
 
 
 class OpenAIServerTeacher(Teacher):
@@ -31,8 +32,12 @@ class OpenAIServerTeacher(Teacher):
     Every response is checked before it reaches the loss: one entry per token, each containing the token id that
     was sent; a mismatch is a :class:`TeacherError` naming the row, never misaligned training data. Transient
     failures (connection refused/reset, timeouts, HTTP 5xx, malformed JSON) are retried with exponential backoff;
-    other HTTP 4xx fail at once. At setup the teacher checks the served model name, that the server's tokens
-    decode like the student's (same tokenizer), and, at a temperature other than 1, that the server applies it.
+    other HTTP 4xx fail at once; ``timeout_s`` bounds each request as a whole. Log-probs must be JSON numbers and
+    top-k entries mappings (anything else is a :class:`TeacherError`), and the trainer checks the values
+    (:meth:`~opd_plugins.teachers.base.TeacherScores.validate`). At setup the teacher checks the served model
+    name, that the server's tokenizer is the student's (exactly: every decoded token it returns, at setup and in
+    every response, is the student's text for that id; without decoded text, a ``vocab_sha256`` the server
+    reports), and, at a temperature other than 1, that the server applies it.
     ``entropy`` is the top-k part of the teacher entropy, ``-Σ_{top-k} p log p`` (a lower bound; None when
     ``top_k`` is 0). Paper: Thinking Machines, "On-Policy Distillation" (2025),
     https://thinkingmachines.ai/blog/on-policy-distillation/
@@ -62,8 +67,11 @@ class OpenAIServerTeacher(Teacher):
         spawn_args: list[str] = Field(default_factory=list, description="Extra serve-teacher arguments for the "
                                       "spawned server, e.g. ['--dtype', 'bfloat16', '--max-batch', '16'].")
         spawn_timeout_s: float = Field(600.0, gt=0, description="Seconds to wait for the spawned server to load.")
-        check_tokenizer: bool = Field(True, description="At setup, check that the server's tokens decode like the "
-                                      "student tokenizer's.")
+        check_tokenizer: bool = Field(True, description="Check that the server's tokenizer is the student's: every "
+                                      "returned token's decoded text must equal the student's (at setup and in every "
+                                      "response), or, when the server returns no decoded text, the vocab_sha256 it "
+                                      "reports must equal the student's; with neither, setup refuses. Set false only "
+                                      "when the tokenizers are known to be the same.")
         allow_nonfinite: bool = Field(False, description="Mask and count NaN/inf teacher log-probs instead of failing.")
 
         @field_validator("base_url")
@@ -97,6 +105,10 @@ class OpenAIServerTeacher(Teacher):
         self._api_key: str | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._spawn_key: tuple | None = None
+        self._tokenizer: Any = None
+        self._spelled: dict[int, frozenset[str]] = {}
+        self._decoded_any = False
+        self._served: dict[str, Any] = {}
 
     @classmethod
     def example_params(cls) -> Params:
@@ -139,7 +151,9 @@ class OpenAIServerTeacher(Teacher):
 
     def _check_model(self) -> str:
         data = self._request("GET", "/v1/models", None, "listing the served models")
-        served = [m.get("id") for m in data.get("data", []) if isinstance(m, dict)] if isinstance(data, dict) else []
+        entries = [m for m in data.get("data", []) if isinstance(m, dict)] if isinstance(data, dict) else []
+        self._served = {str(m.get("id")): m for m in entries}
+        served = [m.get("id") for m in entries]
         if not served:
             raise TeacherError(f"teacher openai_server: {self._url('/v1/models')} lists no models; is base_url an "
                                "OpenAI-compatible server (vllm serve / opd-plugins serve-teacher)?")
@@ -153,32 +167,14 @@ class OpenAIServerTeacher(Teacher):
     def _probe(self, tokenizer: Any) -> None:
         """Fail before training if the server's tokenizer differs from the student's, or it ignores temperature."""
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a multimodal processor wraps its tokenizer
+        self._tokenizer = tokenizer if self.params.check_tokenizer else None
         ids = list(tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"]) if tokenizer is not None else []
         if len(ids) < 3:
             return
         entries = self._post_scores([ids], 0, self.temperature, "the setup probe")[0]
         logps = self._parse_row(ids, entries, 1, len(ids) - 1, 0, "the setup probe")[0]
-        if self.params.check_tokenizer:
-            checked = mismatched = 0
-            examples = []
-            for pos in range(1, len(ids)):
-                decoded = entries[pos][str(ids[pos])].get("decoded_token")
-                if decoded is None:
-                    continue
-                checked += 1
-                ours = tokenizer.decode([ids[pos]])
-                # vLLM versions decode each id alone, some restoring SentencePiece's leading space, or return the
-                # raw vocabulary piece: compare modulo those spellings.
-                if _norm(decoded) not in (_norm(ours), _norm(tokenizer.convert_ids_to_tokens(ids[pos]) or "")):
-                    mismatched += 1
-                    examples.append(f"id {ids[pos]}: server {decoded!r} vs student {ours!r}")
-            if checked and mismatched > checked // 4:
-                raise TeacherError(
-                    f"teacher openai_server: the server at {self._safe_base()} decodes {mismatched} of {checked} "
-                    f"probe tokens differently from the student tokenizer ({'; '.join(examples[:3])}). Token-level "
-                    "distillation needs the same tokenizer on both sides: serve a teacher from the student's model "
-                    "family (or set check_tokenizer: false if the decoded strings differ only cosmetically)."
-                )
+        if self.params.check_tokenizer and not self._decoded_any:
+            self._check_vocab_hash(tokenizer)
         if abs(self.temperature - 1.0) > 1e-6:
             at_one = self._parse_row(ids, self._post_scores([ids], 0, 1.0, "the setup probe")[0], 1, len(ids) - 1,
                                      0, "the setup probe")[0]
@@ -189,6 +185,46 @@ class OpenAIServerTeacher(Teacher):
                     "prompt_logprobs from raw logits). Set teacher.params.temperature: 1.0 to score at T=1 as verl "
                     "does, or serve with opd-plugins serve-teacher, which applies it."
                 )
+
+    def _check_vocab_hash(self, tokenizer: Any) -> None:
+        """No decoded text to compare: the server must report the sha256 of its vocabulary (as the offline cache
+        records it), else the tokenizers cannot be compared and setup refuses."""
+        from opd_plugins.teachers.cache.format import tokenizer_sha256
+
+        entry = self._served.get(str(self.model_name), {})
+        reported = next((entry[k] for k in ("vocab_sha256", "tokenizer_sha256") if isinstance(entry.get(k), str)), None)
+        if reported is None:
+            raise TeacherError(
+                f"teacher openai_server: cannot check that the server at {self._safe_base()} uses the student's "
+                "tokenizer: its responses carry no decoded_token and /v1/models reports no vocab_sha256. Serve with "
+                "vLLM or opd-plugins serve-teacher (both return decoded tokens), or set teacher.params."
+                "check_tokenizer: false only if the two tokenizers are known to be the same")
+        ours = tokenizer_sha256(tokenizer)
+        if reported != ours:
+            raise TeacherError(
+                f"teacher openai_server: the server at {self._safe_base()} reports vocabulary sha256 {reported[:12]}…, "
+                f"the student tokenizer's is {ours[:12]}…: token ids do not mean the same tokens on both sides. "
+                "Serve a teacher with the student's tokenizer")
+
+    def _check_decoded(self, token_id: int, decoded: Any, where: str) -> None:
+        """The server's decoded text of ``token_id`` must be one of the student tokenizer's spellings of it."""
+        if self._tokenizer is None or decoded is None:
+            return
+        if not isinstance(decoded, str):
+            raise TeacherError(f"teacher openai_server: malformed response for {where}: decoded_token of token id "
+                               f"{token_id} is {type(decoded).__name__}, not text")
+        self._decoded_any = True
+        spellings = self._spelled.get(token_id)
+        if spellings is None:
+            spellings = self._spelled[token_id] = _spellings(self._tokenizer, token_id)
+        if not spellings or decoded in spellings or "\ufffd" in decoded:
+            return  # a byte-fallback piece has no text of its own to compare
+        ours = sorted(spellings)[0]
+        raise TeacherError(
+            f"teacher openai_server: the server at {self._safe_base()} decodes token id {token_id} as {decoded!r}, "
+            f"the student tokenizer as {ours!r} (at {where}): the two tokenizers differ, so token-level distillation "
+            "would pair unrelated tokens. Serve a teacher with the student's tokenizer (the same model family), or "
+            "set check_tokenizer: false only if they are known to be the same")
 
     # -- scoring -----------------------------------------------------------------------------------------------
     def score(self, batch: TeacherBatch, want: Capability = "sampled") -> TeacherScores:
@@ -268,24 +304,30 @@ class OpenAIServerTeacher(Teacher):
         for j in range(P, P + n):
             entry = entries[j]
             tok = ids[j]
+            where = f"completion position {j - P} of {what}"
             actual = entry.get(str(tok)) if isinstance(entry, dict) else None
-            if not isinstance(actual, dict) or not isinstance(actual.get("logprob"), (int, float)):
-                have = sorted(entry)[:8] if isinstance(entry, dict) else entry
+            if not isinstance(actual, dict) or "logprob" not in actual:
+                have = sorted(map(str, entry))[:8] if isinstance(entry, dict) else entry
                 raise TeacherError(
                     f"teacher openai_server: misaligned response for {what}: completion position {j - P} (token "
                     f"{j} of the sequence) has no log-prob for the token id {tok} that was sent (the entry has "
                     f"{have}). Not training on it: the server and the student disagree on the tokens."
                 )
-            logps.append(float(actual["logprob"]))
+            logps.append(_logprob(actual.get("logprob"), tok, where))
+            self._check_decoded(tok, actual.get("decoded_token"), where)
             if k:
-                ranked = sorted(entry.items(), key=lambda kv: kv[1].get("rank", math.inf))[:k]
+                ranked = sorted(((_token_id(t, where), _logprob(v.get("logprob") if isinstance(v, dict) else v, t,
+                                                                 where, entry=v)) for t, v in entry.items()),
+                                key=lambda kv: -kv[1])[:k]
                 if len(ranked) < k:
                     raise TeacherError(
                         f"teacher openai_server: asked for top_k={k} but the server returned {len(ranked)} entries at "
                         f"completion position {j - P} of {what}; start vLLM with --max-logprobs >= {k}"
                     )
-                top_ids.append([int(t) for t, _ in ranked])
-                top_lps.append([float(v["logprob"]) for _, v in ranked])
+                for t, v in entry.items():
+                    self._check_decoded(int(t), v.get("decoded_token"), where)
+                top_ids.append([t for t, _ in ranked])
+                top_lps.append([v for _, v in ranked])
         return logps, top_ids, top_lps
 
     # -- HTTP ---------------------------------------------------------------------------------------------------
@@ -323,7 +365,36 @@ class OpenAIServerTeacher(Teacher):
         return client.request(method, self._url(path), body, what, abort)
 
 
-def _norm(token: str) -> str:
-    return token.replace("\u2581", " ").replace("\u0120", " ").strip()
+def _logprob(value: Any, token: Any, where: str, entry: Any = ...) -> float:
+    """A log-prob from a response: a JSON number (NaN/inf are left to the trainer's checks), never a string,
+    boolean or null."""
+    if entry is not ... and not isinstance(entry, dict):
+        raise TeacherError(f"teacher openai_server: malformed response at {where}: the entry for token {token!r} is "
+                           f"{type(entry).__name__} ({entry!r:.40}), not a mapping with a logprob")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TeacherError(f"teacher openai_server: malformed response at {where}: the log-prob of token {token!r} is "
+                           f"{type(value).__name__} ({value!r:.40}), not a number. Not training on it: check that "
+                           "base_url is a vLLM-compatible scoring server")
+    return float(value)
 
 
+def _token_id(key: Any, where: str) -> int:
+    try:
+        return int(key)
+    except (TypeError, ValueError):
+        raise TeacherError(f"teacher openai_server: malformed response at {where}: top-k key {key!r:.40} is not a "
+                           "token id") from None
+
+
+def _spellings(tokenizer: Any, token_id: int) -> frozenset[str]:
+    """Ways a server may write a token's text exactly: decoded alone, the raw vocabulary piece, or the piece with
+    SentencePiece's '▁' / byte-level BPE's 'Ġ' as the space it stands for."""
+    out = {tokenizer.decode([token_id])}
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str):
+        out |= {piece, piece.replace("\u2581", " ").replace("\u0120", " ").replace("\u010a", "\n")}
+        try:
+            out.add(tokenizer.convert_tokens_to_string([piece]))
+        except Exception:  # a tokenizer without it
+            pass
+    return frozenset(x for x in out if x is not None)
