@@ -6,11 +6,12 @@ from opd_plugins.rollout.fp8 import FP8Rollout
 from opd_plugins.rollout.hf_generate import HFGenerate
 from opd_plugins.rollout.perturbed import PerturbedHFGenerate
 from opd_plugins.rollout.replay import ReplayRollout
+from opd_plugins.rollout.vllm import VLLMRollout
 
 
 @hookimpl
 def opd_register_components():
-    return [HFGenerate, PerturbedHFGenerate, ReplayRollout, FP8Rollout]
+    return [HFGenerate, PerturbedHFGenerate, ReplayRollout, FP8Rollout, VLLMRollout]
 
 
-__all__ = ["RolloutBackend", "HFGenerate", "PerturbedHFGenerate", "ReplayRollout", "FP8Rollout"]
+__all__ = ["RolloutBackend", "HFGenerate", "PerturbedHFGenerate", "ReplayRollout", "FP8Rollout", "VLLMRollout"]

@@ -79,7 +79,7 @@ class FP8Rollout(RolloutBackend):
         p, out = self.params, []
         if min(p.block) < 1:
             out.append(("block", f"block sizes must be positive, got {list(p.block)}"))
-        if p.format == "per_channel" and "block" in p.model_fields_set:
+        if p.format == "per_channel" and tuple(p.block) != (128, 128):
             out.append(("block", "block applies to format: per_block only; remove it (per_channel has one scale "
                                  "per output row)"))
         if p.flow == "unified":
