@@ -200,5 +200,19 @@ def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, target_ids: to
     return tok.view(lead)
 
 
+@torch.no_grad()
+def fused_entropy(hidden: torch.Tensor, weight: torch.Tensor, temperature: float = 1.0, chunk_size: int = 256,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The entropy ``(...)`` of the student's next-token distribution at each position of the final hidden states
+    ``(..., H)``, chunk by chunk (no ``(..., V)`` logits held); no gradient, float32."""
+    lead, H = hidden.shape[:-1], hidden.shape[-1]
+    flat = hidden.reshape(-1, H)
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, flat.shape[0], chunk_size):
+        logps = torch.log_softmax(chunk_logits(flat[start:start + chunk_size], weight, bias, temperature), -1)
+        out[start:start + chunk_size] = -(logps.exp() * logps).sum(-1)
+    return out.view(lead)
+
+
 __all__ = ["ChunkedDivergence", "FusedLinearDivergence", "chunk_logits", "chunked_divergence", "fused_divergence",
-           "fused_token_logps"]
+           "fused_entropy", "fused_token_logps"]

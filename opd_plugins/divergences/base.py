@@ -36,6 +36,9 @@ class StudentOutputs:
     logits: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     lm_head: LMHead | None = None
+    entropy: torch.Tensor | None = None
+    """``(B, T)`` exact entropy of the student's next-token distributions (detached), when the forward computed
+    it (TRL's policy-gradient forward always does; the trainer asks for it when a token weighting needs it)."""
     old_token_logps: torch.Tensor | None = None
     """``(B, T)`` log π_old of the sampled tokens (the policy that sampled them), when the generation batch is
     reused for later optimizer steps or iterations (TRL's ``old_per_token_logps``); None on-policy."""

@@ -75,6 +75,11 @@ class TokenWeighting(Component):
         """Whether :meth:`weights` reads ``inputs["rewards"]`` with these params (default: ``needs_rewards``)."""
         return self.needs_rewards
 
+    def needs_entropy(self) -> bool:
+        """Whether :meth:`weights` reads the student's exact entropies (``student.entropy``); the trainer then asks
+        the student's forward for them when no logits are present (default: False)."""
+        return False
+
     def prepare(self, batch: GenerationBatch) -> dict[str, torch.Tensor] | None:
         """Per-row or per-token statistics of a whole generation batch (``(B, ...)`` tensors for this rank's rows),
         handed back to :meth:`weights` as ``inputs["prepared"]`` in every micro-batch; None (default) for none."""

@@ -30,32 +30,47 @@ class TIP(TokenWeighting):
     tokens are the high-entropy ones and the low-entropy, high-divergence ones (the paper's Q3: the student is
     confident and wrong). Two rules:
 
-    * ``keep: fraction`` keeps the top ``fraction`` of the micro-batch's valid tokens by ``score``: ``entropy``
-      (the paper's first-order rule; 50% matches all-token OPD), ``divergence``, or ``entropy_or_divergence``
-      (default): the larger of the token's two percentile ranks, so a token is kept when it is high on either
-      axis, which covers both informative regions. Selection is a deterministic top-k (ties broken by position),
-      where the paper's headline rule samples tokens by entropy.
+    * ``keep: fraction`` keeps ``fraction`` of the micro-batch's valid tokens (``ceil``), chosen by ``score``:
+      ``entropy`` (default, the paper's first-order rule; 50% matches all-token OPD), ``divergence``, or
+      ``entropy_or_divergence``: the larger of the token's two percentile ranks (high on either axis; this
+      combination is ours, not the paper's). ``selection: sample`` (default) is the paper's entropy-based
+      sampling: tokens drawn without replacement with probability proportional to the score (Efraimidis–Spirakis
+      keys ``log(u)/score``, seeded by ``seed``, reproducible across a resume); ``selection: topk`` keeps the
+      highest scores deterministically (ties broken by position).
     * ``keep: quadrant`` keeps the tokens in ``quadrants``; "high" means strictly above the threshold, which is
       the median over the micro-batch's valid tokens unless set. The default, ``low_entropy_high_divergence``,
       is Q3-only training (under 10% of tokens nearly matches full-token OPD in the paper).
 
-    H_t is the exact entropy when the student logits are present (full-vocabulary divergences), else the
-    surprisal ``−log π_s(x_t)`` of the sampled token, an unbiased one-sample estimate of H_t because x_t is
-    drawn from the student. D_t is the exact per-position KL(student ‖ teacher) when the student logits and the
-    teacher's full log-probs are present, else ``|log π_s(x_t) − log π_t(x_t)|``. ``statistics: sampled`` forces
-    the sampled-token estimates. The kept share is reported in ``last_stats``.
+    H_t is the exact entropy: from the student logits (full-vocabulary divergences), else from the student's
+    forward, which computes it when this weighting is on (TRL's policy-gradient forward, the divergence's own
+    forward, or the fused lm head's chunks). Only ``statistics: sampled`` (or a caller that gives neither logits
+    nor entropies) uses the surprisal ``−log π_s(x_t)``, an unbiased one-sample estimate of H_t but a noisy ranking
+    key. D_t is the exact per-position KL(student ‖ teacher) when the student logits and the teacher's full
+    log-probs are present, else ``|log π_s(x_t) − log π_t(x_t)|``. The kept share is reported in ``last_stats``.
+
+    Scope and cost: the fraction and the medians are taken over each micro-batch (as TRL's
+    ``top_entropy_quantile``), so the kept share is exact per micro-batch and hence over the step; a token's rank
+    is relative to its micro-batch, not to the whole generation batch. The mask multiplies the per-token
+    divergence after the student's forward and backward have run on every token (the causal forward needs the
+    masked tokens as context), so there is **no memory saving**: peak memory is that of all-token OPD (the paper
+    reports up to 47% less, from skipping the masked tokens' work).
     """
 
     name: ClassVar[str] = "tip"
 
     class Params(ComponentParams):
         keep: Literal["fraction", "quadrant"] = Field(
-            "fraction", description="Keep a top fraction of tokens by `score`, or entropy × divergence quadrants.")
+            "fraction", description="Keep a fraction of tokens chosen by `score`, or entropy × divergence quadrants.")
         fraction: float = Field(
             0.5, gt=0, le=1, description="keep=fraction: share of the micro-batch's valid tokens kept.")
         score: Literal["entropy", "divergence", "entropy_or_divergence"] = Field(
-            "entropy_or_divergence",
-            description="keep=fraction: rank by entropy, by divergence, or by the larger of their percentile ranks.")
+            "entropy",
+            description="keep=fraction: rank by entropy (the paper's rule), by divergence, or by the larger of their "
+                        "percentile ranks.")
+        selection: Literal["sample", "topk"] = Field(
+            "sample", description="keep=fraction: sample tokens with probability ∝ score, without replacement (the "
+                                  "paper's entropy-based sampling), or keep the top scores.")
+        seed: int = Field(0, description="selection=sample: seed of the token draws.")
         quadrants: list[Quadrant] = Field(
             default_factory=lambda: ["low_entropy_high_divergence"], min_length=1,
             description="keep=quadrant: quadrants kept (low_entropy_high_divergence is the paper's Q3).")
@@ -78,15 +93,32 @@ class TIP(TokenWeighting):
     def __init__(self, params: Params | None = None) -> None:
         super().__init__(params)
         self.last_stats: dict[str, float] = {}
+        self.draws = 0  # micro-batches sampled so far: the seed of the next draw
 
     def _needs_divergence(self) -> bool:
         return self.params.keep == "quadrant" or self.params.score != "entropy"
 
+    def needs_entropy(self) -> bool:
+        return self.params.statistics == "auto" and (self.params.keep == "quadrant" or self.params.score != "divergence")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"draws": self.draws, **super().state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        self.draws = int(state.pop("draws", 0))
+        super().load_state_dict(state)
+
     def token_statistics(self, student: StudentOutputs,
                          teacher: TeacherScores | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(B, T)`` student entropy and, when the rule needs it, teacher–student divergence."""
-        exact = self.params.statistics == "auto" and student.logits is not None
-        entropy = student_entropy(student.logits) if exact else -student.token_logps.float()
+        auto = self.params.statistics == "auto"
+        if auto and student.entropy is not None:
+            entropy = student.entropy.float()
+        elif auto and student.logits is not None:
+            entropy = student_entropy(student.logits)
+        else:
+            entropy = -student.token_logps.float()
         if not self._needs_divergence():
             return entropy, None
         teacher = require_teacher(teacher, self.name, f"keep={self.params.keep}, score={self.params.score}")
@@ -121,6 +153,9 @@ class TIP(TokenWeighting):
         else:
             score = h if self.params.score == "entropy" else d
         k = max(1, math.ceil(self.params.fraction * h.numel() - 1e-9))
+        if self.params.selection == "sample":
+            score = _sampling_keys(score.float(), self.params.seed, self.draws)
+            self.draws += 1
         chosen = torch.zeros(h.numel(), dtype=torch.bool, device=h.device)
         chosen[torch.argsort(score, descending=True, stable=True)[:k]] = True
         return chosen
@@ -140,6 +175,15 @@ class TIP(TokenWeighting):
         stats = {f"fraction/{q}": float(m.float().mean()) for q, m in members.items()}
         stats.update(entropy_threshold=h_thr, divergence_threshold=d_thr)
         return chosen, stats
+
+
+def _sampling_keys(weights: torch.Tensor, seed: int, draw: int) -> torch.Tensor:
+    """Efraimidis–Spirakis keys ``log(u) / w`` (u ~ U(0, 1)): the top k of them are k items drawn without
+    replacement with probability proportional to ``w`` (items with ``w = 0`` come last, in position order)."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + draw) % (2**63))
+    u = torch.rand(weights.shape, generator=generator, dtype=torch.float64).clamp(min=1e-300).to(weights.device)
+    w = weights.double().clamp(min=0)
+    return torch.where(w > 0, u.log() / w.clamp(min=1e-300), torch.full_like(w, -math.inf))
 
 
 def _percentile_rank(x: torch.Tensor) -> torch.Tensor:

@@ -437,6 +437,7 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         )
         if self.step.capture and torch.is_grad_enabled():
             self.step.captured_logps = logps
+            self.step.captured_entropy = None if entropies is None else entropies.detach()
             self.step.capture = False
         return logps, entropies, aux
 
@@ -455,19 +456,24 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         divergence = self.components.divergence
         full = divergence is not None and divergence.requires() in ("topk", "full")  # both read student logits
         fused = divergence is not None and divergence.uses_hidden_states()
+        entropy = any(tw.needs_entropy() for tw in self.components.token_weighting)
         if grad and not full and not fused and self.step.captured_logps is not None:
-            return StudentOutputs(token_logps=self.step.take_captured(), mask=mask)
+            logps, captured_entropy = self.step.take_captured()
+            if captured_entropy is not None or not entropy:
+                return StudentOutputs(token_logps=logps, mask=mask, entropy=captured_entropy)
         ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
         am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             if fused:
                 chunk = getattr(divergence.params, "chunk_size", 0) or 256
                 return fused_outputs(model, self.accelerator.unwrap_model(model), ids, am, inputs["completion_ids"],
-                                     mask, self.temperature, chunk)
+                                     mask, self.temperature, chunk, entropy=entropy)
             if full:
                 return full_vocab_outputs(model, ids, am, inputs["completion_ids"], mask, self.temperature)
-            logps, _, _ = self._get_per_token_logps_and_entropies(model, ids, am, inputs["completion_ids"].shape[1])
-            return StudentOutputs(token_logps=logps, mask=mask)
+            logps, entropies, _ = self._get_per_token_logps_and_entropies(
+                model, ids, am, inputs["completion_ids"].shape[1], compute_entropy=entropy)
+            return StudentOutputs(token_logps=logps, mask=mask,
+                                  entropy=None if entropies is None else entropies.detach())
 
     def _token_normalizer(self, inputs: dict[str, Any]) -> torch.Tensor:
         """Same normalisation as TRL's ``dapo`` loss: global tokens of the generation batch, per GA window."""
@@ -522,7 +528,8 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
             weights = weights * inputs["correction_weights"]
         if c.token_weighting:
             detached = StudentOutputs(student.token_logps.detach(), mask,
-                                      None if student.logits is None else student.logits.detach())
+                                      None if student.logits is None else student.logits.detach(),
+                                      entropy=student.entropy)
             for i, tw in enumerate(c.token_weighting):
                 prefix = f"token_weighting.{i}."
                 prepared = {k[len(prefix):]: v for k, v in inputs.items() if k.startswith(prefix)}

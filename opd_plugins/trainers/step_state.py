@@ -28,7 +28,8 @@ class StepState:
     Per micro-batch of the loss:
 
     * ``capture``: the next policy-gradient forward should keep its token log-probs for the divergence term;
-    * ``captured_logps``: those ``(B, T)`` log-probs (with gradient), handed over once.
+    * ``captured_logps``: those ``(B, T)`` log-probs (with gradient), handed over once, with ``captured_entropy``
+      (the exact ``(B, T)`` entropies TRL's forward computed, or None).
     """
 
     rows: list[dict[str, Any]] | None = None
@@ -40,15 +41,18 @@ class StepState:
     policy_versions: list[int] | None = None
     capture: bool = False
     captured_logps: torch.Tensor | None = None
+    captured_entropy: torch.Tensor | None = None
 
     def new_generation_batch(self, rows: list[dict[str, Any]]) -> None:
         """Forget the previous generation batch's data; keep this one's rows."""
         self.rows, self.student_prompts, self.sampler_output = rows, None, None
         self.rewards_per_func = self.policy_versions = self.global_rewards = self.local = None
 
-    def take_captured(self) -> torch.Tensor | None:
-        logps, self.captured_logps = self.captured_logps, None
-        return logps
+    def take_captured(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The captured ``(log-probs, entropies)``, forgotten once taken."""
+        out = self.captured_logps, self.captured_entropy
+        self.captured_logps = self.captured_entropy = None
+        return out
 
 
 __all__ = ["StepState"]

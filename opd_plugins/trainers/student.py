@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from opd_plugins.divergences._kernels import fused_entropy, fused_token_logps
 from opd_plugins.divergences.base import LMHead, StudentOutputs
 from opd_plugins.errors import OPDError
 
@@ -30,16 +31,17 @@ def full_vocab_outputs(model: Any, ids: torch.Tensor, attention_mask: torch.Tens
 
 
 def fused_outputs(model: Any, unwrapped: Any, ids: torch.Tensor, attention_mask: torch.Tensor,
-                  completion_ids: torch.Tensor, mask: torch.Tensor, temperature: float, chunk: int) -> StudentOutputs:
-    """Final hidden states ``(B, T, H)`` and the output layer instead of logits; the token log-probs computed chunk
-    by chunk from them (no ``(B, T, V)`` tensor)."""
-    from opd_plugins.divergences._kernels import fused_token_logps
-
+                  completion_ids: torch.Tensor, mask: torch.Tensor, temperature: float, chunk: int, *,
+                  entropy: bool = False) -> StudentOutputs:
+    """Final hidden states ``(B, T, H)`` and the output layer instead of logits; the token log-probs (and, with
+    ``entropy``, the exact entropies) computed chunk by chunk from them (no ``(B, T, V)`` tensor)."""
     T = completion_ids.shape[1]
     hidden, head = final_hidden_states(model, unwrapped, ids, attention_mask, T + 1)
     hidden = hidden[:, :-1]
     logps = fused_token_logps(hidden, head.weight, completion_ids, temperature, chunk, head.bias)
-    return StudentOutputs(token_logps=logps, mask=mask, hidden=hidden, lm_head=LMHead(head.weight, head.bias, temperature))
+    ent = fused_entropy(hidden.detach(), head.weight, temperature, chunk, head.bias) if entropy else None
+    return StudentOutputs(token_logps=logps, mask=mask, hidden=hidden, entropy=ent,
+                          lm_head=LMHead(head.weight, head.bias, temperature))
 
 
 def final_hidden_states(model: Any, unwrapped: Any, ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -50,3 +50,42 @@ def test_a_reward_gate_without_reward_funcs_is_refused(tmp_path, opd_tokenizer):
     with pytest.raises(OPDError, match="token weighting correctness_gate gates on task rewards"):
         trainer(tmp_path / "run", opd_tokenizer, build_tiny_model(opd_tokenizer, seed=0), components=_gated({}),
                 max_steps=1)
+
+
+def _naive_entropy(model, inputs, temperature):
+    """``(B, T)`` entropy of the student's next-token distributions at the completion positions, from a plain
+    forward of the whole sequence."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    T = inputs["completion_ids"].shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=am).logits[:, -(T + 1):-1].float() / temperature
+    logps = torch.log_softmax(logits, -1)
+    return -(logps.exp() * logps).sum(-1)
+
+
+def test_tip_ranks_by_the_exact_entropy_on_every_student_path(tmp_path, opd_tokenizer):
+    # The policy-gradient forward (captured), the divergence's own forward (no policy gradient) and the fused lm
+    # head each hand tip the exact entropies, which equal a naive forward's.
+    cases = {"captured": ({}, 1.0), "own_forward": ({}, 0.0), "fused": ({"estimator": "full", "fused_lm_head": True},
+                                                                          0.0)}
+    for case, (div_params, pg_weight) in cases.items():
+        comps = Components.build(teacher="self_context", divergence=("reverse_kl", div_params), pg_weight=pg_weight,
+                                 div_weight=1.0, token_weighting=[("tip", {"score": "entropy"})])
+        tw = comps.token_weighting[0]
+        model = build_tiny_model(opd_tokenizer, seed=0)
+        seen = []
+        original = tw.weights
+
+        def spy(inputs, student, teacher, original=original, model=model):
+            assert student.entropy is not None and student.logits is None
+            seen.append(float((student.entropy - _naive_entropy(model, inputs, 0.7)).abs().max()))
+            return original(inputs, student, teacher)
+
+        tw.weights = spy
+        tr = trainer(tmp_path / case, opd_tokenizer, model, components=comps, reward_funcs=[even_token_reward],
+                     max_steps=2, temperature=0.7)
+        tr.train()
+        assert len(seen) == 2 and max(seen) < 1e-4, (case, seen)
+        assert tw.draws == 2
+        assert history(tr, "token_weighting/tip/kept_fraction")

@@ -51,7 +51,8 @@ MASK = [[1, 1, 1], [1, 1, 0]]
 
 
 def tip(**params):
-    return TIP(TIP.Params(**params))
+    """A tip weighting; deterministic top-k unless the test asks for the paper's sampling."""
+    return TIP(TIP.Params(**{"selection": "topk", **params}))
 
 
 def test_tip_entropy_fraction_keeps_the_most_uncertain_tokens():
@@ -64,10 +65,11 @@ def test_tip_entropy_fraction_keeps_the_most_uncertain_tokens():
 
 def test_tip_entropy_or_divergence_also_keeps_the_overconfident_token():
     student, teacher = sides(S_LOGPS, T_LOGPS, MASK)
-    tw = tip(fraction=0.4)  # max ranks [1, .75, .25, .5, 1] -> p0 and p4
+    tw = tip(score="entropy_or_divergence", fraction=0.4)  # max ranks [1, .75, .25, .5, 1] -> p0 and p4
     assert torch.equal(tw.weights({}, student, teacher), t([[1, 0, 0], [0, 1, 0]]))
     assert tw.last_stats == {"kept_fraction": 0.4, "kept_tokens": 2.0, "valid_tokens": 5.0}
-    assert torch.equal(tip(fraction=0.6).weights({}, student, teacher), t([[1, 1, 0], [0, 1, 0]]))
+    assert torch.equal(tip(score="entropy_or_divergence", fraction=0.6).weights({}, student, teacher),
+                       t([[1, 1, 0], [0, 1, 0]]))
     assert torch.equal(tip(score="divergence", fraction=0.4).weights({}, student, teacher), t([[1, 0, 0], [0, 1, 0]]))
 
 
@@ -105,12 +107,67 @@ def test_tip_uses_exact_entropy_and_kl_when_logits_are_present():
     student, teacher = sides(s_tok.tolist(), [[math.log(0.25)] * 2], s_logits=logits, t_full=uniform)
     p = [math.exp(5) / (math.exp(5) + 3)] + [1 / (math.exp(5) + 3)] * 3
     h_peaked = -sum(q * math.log(q) for q in p)
-    entropy, kl = tip().token_statistics(student, teacher)
+    entropy, kl = tip(score="entropy_or_divergence").token_statistics(student, teacher)
     assert entropy[0].tolist() == pytest.approx([math.log(4), h_peaked], abs=1e-5)
     assert kl[0].tolist() == pytest.approx([0.0, math.log(4) - h_peaked], abs=1e-5)  # KL(p ‖ uniform) = ln 4 − H(p)
     exact = tip(score="entropy").weights({}, student, teacher)
     sampled = tip(score="entropy", statistics="sampled").weights({}, student, teacher)
     assert torch.equal(exact, t([[1, 0]])) and torch.equal(sampled, t([[0, 1]]))
+
+
+def _inclusion_probabilities(w: list[float], k: int) -> list[float]:
+    """P(token i is among k drawn one at a time without replacement, each draw ∝ w), by enumerating orders."""
+    import itertools
+
+    probs = [0.0] * len(w)
+    for order in itertools.permutations(range(len(w)), k):
+        p, left = 1.0, sum(w)
+        for i in order:
+            p, left = p * w[i] / left, left - w[i]
+        for i in order:
+            probs[i] += p
+    return probs
+
+
+def test_tip_sampling_draws_tokens_with_probability_proportional_to_entropy():
+    # Surprisal entropies [0.1, 2.0, 0.5, 1.0, 3.0]; keep 2 of 5 by the paper's entropy-based sampling.
+    student, _ = sides(S_LOGPS, T_LOGPS, MASK)
+    tw = TIP(TIP.Params(score="entropy", fraction=0.4))
+    assert tw.params.selection == "sample"  # the paper's rule is the default
+    n, counts = 4000, torch.zeros(2, 3)
+    for _ in range(n):
+        w = tw.weights({}, student, None)
+        assert int(w.sum()) == 2 and float(w[1, 2]) == 0.0  # exactly k tokens, never padding
+        counts += w
+    exact = _inclusion_probabilities([0.1, 2.0, 0.5, 1.0, 3.0], 2)
+    freq = [float(counts[0, 0]), float(counts[0, 1]), float(counts[0, 2]), float(counts[1, 0]), float(counts[1, 1])]
+    for f, p in zip(freq, exact):
+        assert abs(f / n - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-3, (freq, exact)
+    assert tw.draws == n
+
+
+def test_tip_sampling_is_reproducible_and_resumes_its_sequence():
+    student, _ = sides(S_LOGPS, T_LOGPS, MASK)
+    a, b = TIP(TIP.Params(fraction=0.4, seed=3)), TIP(TIP.Params(fraction=0.4, seed=3))
+    first = [a.weights({}, student, None) for _ in range(5)]
+    assert all(torch.equal(x, b.weights({}, student, None)) for x in first)
+    assert len({tuple(x.flatten().tolist()) for x in first + [a.weights({}, student, None) for _ in range(20)]}) > 1
+    resumed = TIP(TIP.Params(fraction=0.4, seed=3))
+    resumed.load_state_dict(b.state_dict())
+    assert all(torch.equal(b.weights({}, student, None), resumed.weights({}, student, None)) for _ in range(5))
+    other = TIP(TIP.Params(fraction=0.4, seed=4))
+    assert any(not torch.equal(x, other.weights({}, student, None)) for x in first)
+
+
+def test_tip_ranks_by_the_entropies_the_forward_computed_not_the_surprisal():
+    student, _ = sides(S_LOGPS, T_LOGPS, MASK)  # surprisal [0.1, 2.0, 0.5, 1.0, 3.0]: would keep p4, p1
+    student.entropy = t([[3.0, 0.2, 0.1], [2.0, 0.3, 9.0]])  # exact H: keep p0, p3 (9.0 is padding)
+    tw = tip(score="entropy", fraction=0.4)
+    assert tw.needs_entropy()
+    assert torch.equal(tw.weights({}, student, None), t([[1, 0, 0], [1, 0, 0]]))
+    assert torch.equal(tip(score="entropy", fraction=0.4, statistics="sampled").weights({}, student, None),
+                       t([[0, 1, 0], [0, 1, 0]]))
+    assert not tip(score="divergence").needs_entropy() and not tip(statistics="sampled").needs_entropy()
 
 
 def test_tip_errors():
