@@ -49,7 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.args.max_steps=10")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in output_dir")
-    g.add_argument("--overwrite", action="store_true", help="delete an existing output_dir first")
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete an existing output_dir first (only a run directory of opd_plugins)")
+    t.add_argument("--allow-recipe-change", action="store_true",
+                   help="with --resume: continue even though the recipe changes what is trained (model, data, "
+                        "components, learning rate, ...); every start's recipe is kept as recipe-<n>.yaml")
 
     r = sub.add_parser("report", help="an HTML report of one or several run directories",
                        description=report_cli.DESCRIPTION)
@@ -129,14 +133,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from opd_plugins.recipe import load_recipe
     from opd_plugins.runs import train
+    from opd_plugins.runs.rundir import Resume
 
+    if args.allow_recipe_change and not args.resume:
+        raise OPDError("--allow-recipe-change only applies with --resume")
     # TRL 1.16 still calls transformers' deprecated *gradient_checkpointing* names on every step; the warnings
     # concern TRL's code, not the user's, and drown the progress display.
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*gradient_checkpointing.* is deprecated")
     recipe, pm = load_recipe(args.recipe, args.overrides)
     for note in recipe.notes:
         print(f"note: {note}", file=sys.stderr)
-    train(recipe, pm, resume=args.resume, overwrite=args.overwrite, argv=sys.argv)
+    resume = Resume(allow_recipe_change=args.allow_recipe_change) if args.resume else False
+    train(recipe, pm, resume=resume, overwrite=args.overwrite, argv=sys.argv)
     return 0
 
 

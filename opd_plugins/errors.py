@@ -69,6 +69,10 @@ class TeacherError(OPDError):
     """A teacher returned missing, misaligned or non-finite scores."""
 
 
+class TrainingError(OPDError):
+    """Training stopped before an optimizer step because its numbers are not finite (a loss term, a gradient)."""
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Message helpers shared by the registry, the recipe loader and components (one wording everywhere)
 # ---------------------------------------------------------------------------------------------------------------

@@ -130,7 +130,7 @@ def report_complete(out: Path, summary: dict[str, Any], recipe: Recipe, console:
     console.print(f"output_dir {out}: this run is complete ({steps} steps trained, final/ written); nothing to "
                   f"do. To train further, raise trainer.args.max_steps above {steps} "
                   f"(e.g. trainer.args.max_steps={2 * steps if isinstance(steps, int) else 'N'}) and --resume "
-                  "again, or train into another output_dir")
+                  "again, or train into another output_dir", soft_wrap=True, markup=False, highlight=False)
     return {**summary, "complete": True}
 
 

@@ -7,6 +7,7 @@ import os
 import shutil
 from typing import Any
 
+from opd_plugins.trainers.guards import FiniteGradientGuard
 from opd_plugins.trainers.state import load_component_states, mark_complete, save_component_states
 
 STAGING_DIR = ".staging"
@@ -54,10 +55,15 @@ class AtomicCheckpointMixin:
 class HookedTrainerMixin(AtomicCheckpointMixin):
     """Put before the TRL trainer class in the bases, with ``self.pm`` (the plugin manager) set: atomic checkpoints
     that carry the components' state (:meth:`checkpoint_components`), ``opd_checkpoint_save`` /
-    ``opd_checkpoint_load`` around them, and ``opd_train_end`` when ``train()`` returns. Shared by every trainer
-    variant, so their hooks fire alike."""
+    ``opd_checkpoint_load`` around them, ``opd_train_end`` when ``train()`` returns, and the
+    :class:`~opd_plugins.trainers.guards.FiniteGradientGuard`. Shared by every trainer variant, so their hooks
+    fire alike."""
 
     pm: Any
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_callback(FiniteGradientGuard())  # no optimizer step, hence no checkpoint, on non-finite gradients
 
     def checkpoint_components(self) -> dict[str, Any]:
         """``{key: component}`` whose ``state_dict()`` goes into every checkpoint."""
