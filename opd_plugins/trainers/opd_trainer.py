@@ -69,6 +69,7 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
                 raise OPDError(f"token weighting {', '.join(gated)} gates on task rewards, but the trainer has no "
                                "reward_funcs")
             kwargs["reward_funcs"] = [no_task_reward]
+        _refuse_multimodal(self.text_only_parts(), _image_columns(kwargs.get("train_dataset")), "the training dataset")
         super().__init__(model=model, args=args, **kwargs)
         self.reward_funcs = [_checked_reward_func(f, n) for f, n in zip(self.reward_funcs, self.reward_func_names)]
         if self.components.correction.mode != "none" and self.use_vllm and self.vllm_importance_sampling_correction:
@@ -82,6 +83,18 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
             reference.setup(ctx)
         self._synced_version = self.state.global_step
         self.pm.call("opd_trainer_init", trainer=self)
+
+    def text_only_parts(self) -> list[str]:
+        """The parts of this run that score completions as text only (no images reach them): the teacher, the
+        reference policies, the divergence's student side and the correction's recomputed log-probs."""
+        c = self.components
+        parts = [f"teacher {c.teacher.name!r}"] if c.teacher is not None else []
+        parts += [f"reference {r.name!r}" for r in self._references()]
+        if c.divergence is not None:
+            parts.append(f"divergence {c.divergence.name!r}")
+        if c.correction.mode != "none":
+            parts.append(f"correction {c.correction.mode!r}")
+        return parts
 
     def _references(self) -> list[Any]:
         """The reference-policy teachers the divergence and the advantage estimator name (set up with the others)."""
@@ -236,9 +249,13 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         self.step.new_generation_batch(inputs)
+        _refuse_multimodal(self.text_only_parts(), _image_columns(inputs), "this generation batch")
         out = super()._generate_and_score_completions(inputs)
+        images = sorted(MULTIMODAL_KEYS & set(out))
+        _refuse_multimodal(self.text_only_parts(), images, "this generation batch")
         mask = loss_mask(out)
-        self.apply_correction(out, mask)
+        if not images:  # the recomputed log-probs would miss the images: no correction statistics
+            self.apply_correction(out, mask)
         scores = None
         if self._needs_teacher():
             scores = self.score_teacher(out, inputs)
@@ -582,6 +599,33 @@ def _checked_reward_func(func: Any, name: str) -> Any:
     wrapper.__name__ = name
     wrapper.__wrapped__ = func
     return wrapper
+
+
+MULTIMODAL_KEYS = frozenset({"pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes",
+                             "image_position_ids", "spatial_shapes", "num_images", "num_tiles"})
+"""Batch fields TRL adds for a vision-language model's images."""
+
+
+def _image_columns(data: Any) -> list[str]:
+    """The image fields of a dataset (its columns) or of a list of rows (those that hold an image)."""
+    if data is None:
+        return []
+    names = getattr(data, "column_names", None)
+    if isinstance(names, dict):  # a DatasetDict
+        names = sorted({n for cols in names.values() for n in cols})
+    if names is not None:
+        return [n for n in ("image", "images") if n in names]
+    rows = data if isinstance(data, list) else []
+    return sorted({k for row in rows if isinstance(row, dict) for k in ("image", "images") if row.get(k)})
+
+
+def _refuse_multimodal(parts: list[str], fields: list[str], where: str) -> None:
+    if parts and fields:
+        raise OPDError(f"{where} carries images ({', '.join(fields)}), but {', '.join(parts)} would score the "
+                       "completions as text only (the images reach only TRL's policy-gradient forward), which "
+                       "silently trains on the wrong distribution. Vision-language models are supported with the "
+                       "policy gradient alone for now: remove the teacher, the divergence and the correction, or "
+                       "drop the image columns")
 
 
 def _check_components(c: Components) -> None:
