@@ -81,6 +81,10 @@ class CorrectionSpec(BaseModel):
     mode: Mode = Field("none", description="Which correction; 'none' computes the mismatch metrics only.")
     clip_max: float = Field(2.0, gt=0, description="Upper truncation (TIS) or masking (MIS, IcePop) bound.")
     clip_min: float | None = Field(None, ge=0, description="Lower bound; None = none. Required for icepop.")
+    divergence: Literal["auto", "none", "prefix", "policy_gradient"] = Field(
+        "auto", description="Weight of the divergence term: auto = the policy gradient's weights for a sampled-token "
+                            "divergence, none for a full-vocabulary one; prefix = the importance weight of the "
+                            "prefix the term depends on, bounded by the mode (docs/correction.md).")
 
     @model_validator(mode="before")
     @classmethod
@@ -226,6 +230,51 @@ def importance_weights(train_logps: torch.Tensor, behaviour_logps: torch.Tensor,
     return CorrectionResult(weights=weights.to(train_logps.dtype), stats=stats)
 
 
+def divergence_weights(train_logps: torch.Tensor, behaviour_logps: torch.Tensor, mask: torch.Tensor,
+                       spec: CorrectionSpec, *, per_state: bool,
+                       policy_gradient: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Per-token weights ``(B, T)`` of the divergence term for samples drawn from μ, or None for weight 1.
+
+    What position t's term depends on decides the weight. A full-vocabulary divergence D_t (``per_state``) is a
+    function of the prefix y_<t only, so E_π[Σ_t D_t] = E_μ[Σ_t W_<t · D_t] with the prefix ratio
+    W_<t = ∏_{i<t} ρ_i: the token's own ratio ρ_t has E_μ[ρ_t | y_<t] = 1 and only adds variance (truncated, it
+    biases the term down). A sampled-token estimator depends on y_t too, so its weight is W_≤t = ∏_{i≤t} ρ_i.
+    ``spec.divergence`` chooses:
+
+    * ``auto`` (default): a sampled-token divergence gets the policy gradient's weights (``policy_gradient``,
+      the mode's token or sequence weights, the usual truncated-IS approximation); a full-vocabulary divergence
+      gets none (weight 1: the states are visited under μ, which biases the gradient by the prefix mismatch, small
+      when μ ≈ π as with FP8 rollout).
+    * ``none``: weight 1 for every divergence. ``policy_gradient``: the policy gradient's weights for every one.
+    * ``prefix``: W_<t (per-state) or W_≤t (sampled-token), clamped to [clip_min, clip_max] under the truncating
+      modes and zeroed outside that band under the masking modes; unbiased when the band holds every ratio.
+
+    Mode ``none`` weights nothing (metrics only).
+    """
+    if spec.mode == "none" or spec.divergence == "none" or (spec.divergence == "auto" and per_state):
+        return None
+    if spec.divergence in ("auto", "policy_gradient"):
+        if policy_gradient is None:
+            raise ValueError("divergence weights 'policy_gradient' need the policy gradient's correction weights")
+        return policy_gradient
+    with torch.no_grad():
+        dtype = torch.float64 if train_logps.dtype == torch.float64 else torch.float32
+        valid = mask.bool()
+        raw = train_logps.detach().to(dtype) - behaviour_logps.detach().to(dtype)
+        log_ratio = torch.where(valid & ~torch.isnan(raw), raw, torch.zeros_like(raw))
+        log_ratio = log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+        cumulative = log_ratio.cumsum(dim=1)  # Σ_{i≤t} log ρ_i
+        if per_state:
+            cumulative = cumulative - log_ratio  # Σ_{i<t}
+        ratio = torch.exp(cumulative.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
+        lo = spec.clip_min if spec.clip_min is not None else -math.inf
+        if spec.masks:
+            weights = torch.where((ratio < lo) | (ratio > spec.clip_max), torch.zeros_like(ratio), ratio)
+        else:
+            weights = ratio.clamp(min=spec.clip_min, max=spec.clip_max)
+        return torch.where(valid, weights, torch.zeros_like(weights)).to(train_logps.dtype)
+
+
 def weight_advantages(advantages: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Fold correction weights into (B,) or (B, T) advantages, giving (B, T).
 
@@ -315,4 +364,4 @@ def _stats(log_ratio, token_ratio, seq_ratio, weights, valid, masked, truncated,
 
 
 __all__ = ["CorrectionResult", "CorrectionSpec", "LOG_RATIO_BOUND", "MODES", "PRESETS", "combine_stats",
-           "importance_weights", "weight_advantages"]
+           "divergence_weights", "importance_weights", "weight_advantages"]

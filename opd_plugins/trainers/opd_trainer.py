@@ -26,7 +26,7 @@ from trl.trainer.utils import is_async_callable
 
 from opd_plugins.advantages.base import AdvantageInputs, degenerate_groups
 from opd_plugins.context import Rollouts, Sampling, SetupContext
-from opd_plugins.correction import combine_stats, importance_weights, weight_advantages
+from opd_plugins.correction import combine_stats, divergence_weights, importance_weights, weight_advantages
 from opd_plugins.divergences.base import StudentOutputs
 from opd_plugins.errors import ModelLoadError, OPDError, TeacherError
 from opd_plugins.teachers.base import CAPABILITY_ORDER, TeacherBatch, TeacherScores
@@ -302,7 +302,9 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
     def apply_correction(self, out: dict[str, Any], mask: torch.Tensor) -> None:
         """Importance weights for rollouts whose backend reported behaviour log-probs (docs/correction.md).
 
-        Stores ``out["correction_weights"]`` (B, T) unless the mode is ``none``, and logs ``correction/*``."""
+        Stores ``out["correction_weights"]`` (B, T) for the policy gradient unless the mode is ``none``, and
+        ``out["divergence_correction_weights"]`` for the divergence when it is weighted
+        (:func:`~opd_plugins.correction.divergence_weights`); logs ``correction/*``."""
         behaviour = out.get("sampling_per_token_logps")
         if behaviour is None:
             return
@@ -319,6 +321,12 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         result = importance_weights(train, behaviour, mask, spec)
         if spec.mode != "none":
             out["correction_weights"] = result.weights
+            divergence = self.components.divergence
+            if divergence is not None:
+                weights = divergence_weights(train, behaviour, mask, spec, policy_gradient=result.weights,
+                                             per_state=divergence.requires() != "sampled")
+                if weights is not None:
+                    out["divergence_correction_weights"] = weights
         from accelerate.utils import gather_object
 
         for key, value in combine_stats(gather_object([result.stats])).items():
@@ -541,8 +549,8 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         terms = c.divergence.per_token(student, teacher)
         mask = student.mask * teacher.mask
         weights = torch.ones_like(mask)
-        if inputs.get("correction_weights") is not None:  # the divergence's tokens were visited under μ too
-            weights = weights * inputs["correction_weights"]
+        if inputs.get("divergence_correction_weights") is not None:  # visited under μ (correction.divergence_weights)
+            weights = weights * inputs["divergence_correction_weights"]
         if c.token_weighting:
             detached = StudentOutputs(student.token_logps.detach(), mask,
                                       None if student.logits is None else student.logits.detach(),

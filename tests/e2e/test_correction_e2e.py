@@ -185,3 +185,41 @@ def test_correction_weights_reach_the_loss(tmp_path, opd_tokenizer):
               steps=1)
     assert history(tr, "correction/masked_frac")[0] == 1.0
     assert history(tr, "grad_norm")[0] == 0.0
+
+
+@pytest.mark.parametrize("divergence, correction, expect", [
+    (("reverse_kl", {"estimator": "full"}), {"preset": "tis"}, None),  # auto: per-state terms are not weighted
+    (("reverse_kl", {"estimator": "full"}), {"preset": "tis", "divergence": "prefix"}, "prefix"),
+    (("reverse_kl", {}), {"preset": "tis"}, "policy_gradient"),  # sampled-token: the PG's token weights
+])
+def test_the_divergence_gets_its_own_correction_weights(tmp_path, opd_tokenizer, divergence, correction, expect):
+    from opd_plugins.correction import divergence_weights
+
+    from helpers.tiny import config
+
+    comps = Components.build(teacher="self_context", divergence=divergence, div_weight=1.0, correction=correction,
+                             rollout=("perturbed_hf", {"noise_std": 0.05}))
+    tr = OPDTrainer(model=build_tiny_model(opd_tokenizer, seed=0), args=config(tmp_path, max_steps=1),
+                    components=comps, reward_funcs=[even_token_reward], train_dataset=prompt_dataset(),
+                    processing_class=opd_tokenizer)
+    seen = []
+    original = tr.divergence_loss
+
+    def spy(model, inputs):
+        seen.append({k: inputs.get(k) for k in ("divergence_correction_weights", "correction_weights",
+                                                "sampling_per_token_logps", "completion_mask")})
+        return original(model, inputs)
+
+    tr.divergence_loss = spy
+    tr.train()
+    assert seen
+    for batch in seen:
+        got, pg = batch["divergence_correction_weights"], batch["correction_weights"]
+        assert pg is not None
+        if expect is None:
+            assert got is None
+        elif expect == "policy_gradient":
+            assert torch.equal(got, pg)
+        else:
+            assert not torch.equal(got, pg)
+            assert torch.all(got[:, 0][batch["completion_mask"][:, 0].bool()] == 1.0)  # W_<1 = 1: nothing before it
