@@ -19,7 +19,13 @@ exact zeros), ``q = clamp(w / scale, -448, 448).to(float8_e4m3fn)``, ``dequant =
   with strides ``(1, L4)``, ``L4 = round_up(K/128, 4)`` (the layout ``torch/_meta_registrations.py`` checks);
 * ``dequant`` everywhere else (CPU, older GPUs, other input dtypes, shapes the kernels refuse): the weight is
   dequantized to ``x.dtype`` on every call and fed to ``F.linear``, the same numbers as :func:`fake_quantize`.
-  No high-precision copy is kept between calls, so the memory saving holds on this path too.
+  No high-precision copy is kept between calls, so the memory saving holds on this path too — unless
+  ``keep_dequantized`` is set (the ``fp8`` rollout backend sets it on CPU, where FP8 saves nothing and
+  re-dequantizing every layer at every decoding step costs ~10x the matmul).
+
+:class:`FakeQuantLinear` (:func:`fake_quantize_linears_`) is the training-side counterpart for one precision flow:
+an ``nn.Linear`` whose forward uses ``fake_quantize(weight)`` with a straight-through gradient into the master
+weight, re-quantized only when the weight changes.
 
 Both FP8 kernels pad M (tokens) to a multiple of 16 (a precaution; torch's own checks ask it only of K and N).
 """
@@ -215,7 +221,8 @@ class FP8Linear(nn.Module):
     """Inference-only stand-in for ``nn.Linear``: float8_e4m3fn weight + float32 scales (+ bias, original dtype).
 
     ``kernel`` is the matmul used for bfloat16 inputs on the weight's current device (other input dtypes take
-    ``dequant``); set ``kernel_request`` to one of :data:`KERNELS` to force one (``"auto"`` by default).
+    ``dequant``); set ``kernel_request`` to one of :data:`KERNELS` to force one (``"auto"`` by default), and
+    ``keep_dequantized`` to keep the dequant path's weight between calls.
     ``.to(dtype)`` leaves the FP8 weight and the float32 scales alone (it does cast the bias).
     """
 
@@ -233,7 +240,9 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(sshape, device=device, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features, device=device, dtype=bias_dtype) if bias else None)
         self.kernel_request = "auto"
+        self.keep_dequantized = False  # dequant path: keep the dequantized weight between calls (CPU speed)
         self._layout: tuple | None = None  # blockwise scale layout, keyed on the scales' storage and version
+        self._dequantized: tuple | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: Format = "per_block", block: tuple[int, int] = (128, 128),
@@ -297,6 +306,17 @@ class FP8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
                f"mode={self.mode}"
 
+    def _dequantized_weight(self, dtype: torch.dtype) -> Tensor:
+        """The weight dequantized into ``dtype``; with ``keep_dequantized`` kept until the FP8 weight or its scales
+        are written (``requantize_``, ``load_state_dict``, ``.to``), else made anew on every call."""
+        if not self.keep_dequantized:
+            return dequantize(self.weight, self.weight_scale, self.block, dtype=dtype)
+        w, s = self.weight, self.weight_scale
+        key = (w.data_ptr(), w._version, s.data_ptr(), s._version, dtype)
+        if self._dequantized is None or self._dequantized[0] != key:
+            self._dequantized = (key, dequantize(w, s, self.block, dtype=dtype))
+        return self._dequantized[1]
+
     def _apply(self, fn, recurse: bool = True):  # keep the FP8 weight and float32 scales through .to(dtype)
         w, s = self.weight, self.weight_scale
         super()._apply(fn, recurse)
@@ -311,7 +331,7 @@ class FP8Linear(nn.Module):
             raise FP8Error(f"{self.label}: input has {x.shape[-1]} features, expected {self.in_features}")
         kernel = self.kernel if x.dtype == torch.bfloat16 else "dequant"
         if kernel == "dequant":
-            w = dequantize(self.weight, self.weight_scale, self.block, dtype=x.dtype)
+            w = self._dequantized_weight(x.dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         want = "per_channel" if kernel == "scaled_mm_rowwise" else "per_block"
         if self.fmt != want or (want == "per_block" and self.block != (128, 128)):
@@ -438,12 +458,13 @@ class _CachedQuantizer:
     scales, not a high-precision copy; the cache holds the source tensor so its storage cannot be reused by
     another tensor while the key is live."""
 
-    def __init__(self, fmt: Format, block: tuple[int, int]) -> None:
-        self.fmt, self.block = fmt, _block(block)
+    def __init__(self, fmt: Format, block: tuple[int, int], keep_dequantized: bool = False) -> None:
+        self.fmt, self.block, self.keep_dequantized = fmt, _block(block), keep_dequantized
         self._key: tuple | None = None
         self._source: Tensor | None = None
         self._q: Tensor | None = None
         self._scales: Tensor | None = None
+        self._dequantized: Tensor | None = None
         self.quantizations = 0
 
     def __call__(self, w: Tensor) -> Tensor:
@@ -451,15 +472,20 @@ class _CachedQuantizer:
         if key != self._key:
             with torch.no_grad():
                 self._q, self._scales, _ = _quantize(w.detach(), self.fmt, self.block)
-            self._key, self._source = key, w.detach()
+            self._key, self._source, self._dequantized = key, w.detach(), None
             self.quantizations += 1
-        return dequantize(self._q, self._scales, self.block if self.fmt == "per_block" else None, dtype=w.dtype)
+        if self._dequantized is not None:
+            return self._dequantized
+        dq = dequantize(self._q, self._scales, self.block if self.fmt == "per_block" else None, dtype=w.dtype)
+        if self.keep_dequantized:
+            self._dequantized = dq
+        return dq
 
 
 class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: Tensor, quantizer: _CachedQuantizer) -> Tensor:  # noqa: D102
-        return quantizer(w)
+        return quantizer(w).view_as(w)  # a view: autograd marks it, not the cached tensor behind it
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
@@ -490,10 +516,12 @@ class FakeQuantLinear(nn.Linear):
 
 
 def fake_quantize_linears_(modules: Mapping[str, nn.Module], fmt: Format = "per_block",
-                           block: tuple[int, int] = (128, 128)) -> list[str]:
+                           block: tuple[int, int] = (128, 128), keep_dequantized: bool | None = None) -> list[str]:
     """Turn each ``nn.Linear`` of ``modules`` (``{name: module}``) into a :class:`FakeQuantLinear` in place, so the
     model's own forward (training and generation alike) runs on the FP8 weights. Only plain ``nn.Linear`` modules
-    (a subclass may have its own forward) with a 2-D high-precision weight; returns the names changed."""
+    (a subclass may have its own forward) with a 2-D high-precision weight; returns the names changed.
+    ``keep_dequantized`` (default: on CPU) keeps each weight's dequantized value until the weight changes, instead
+    of the FP8 tensor alone (faster; as much memory as the weight)."""
     if fmt not in FORMATS:
         raise FP8Error(f"unknown FP8 format {fmt!r}; expected one of {FORMATS}")
     for name, mod in modules.items():
@@ -502,7 +530,8 @@ def fake_quantize_linears_(modules: Mapping[str, nn.Module], fmt: Format = "per_
                            "place (its forward may differ); skip it")
         _check_2d(mod.weight, f"{name}.weight")
     for mod in modules.values():
-        mod.fp8_quantizer = _CachedQuantizer(fmt, block)
+        keep = mod.weight.device.type == "cpu" if keep_dequantized is None else keep_dequantized
+        mod.fp8_quantizer = _CachedQuantizer(fmt, block, keep)
         mod.__class__ = FakeQuantLinear
     return list(modules)
 

@@ -195,10 +195,10 @@ def build_fp8_copy(model: Any, params: FP8Rollout.Params) -> Any:
     min_features, kernel). The GPU throughput benchmark builds its FP8 arms with this too."""
     fp8 = _fp8.convert_to_fp8(private_copy(model, "rollout 'fp8'"), params.format, tuple(params.block),
                               tuple(params.skip), params.min_features)
-    if params.kernel != "auto":
-        for mod in fp8.modules():
-            if isinstance(mod, _fp8.FP8Linear):
-                mod.kernel_request = params.kernel
+    for mod in fp8.modules():
+        if isinstance(mod, _fp8.FP8Linear):
+            mod.kernel_request = params.kernel
+            mod.keep_dequantized = mod.weight.device.type == "cpu"  # no FP8 matmul there: spare the re-dequantizing
     return fp8
 
 

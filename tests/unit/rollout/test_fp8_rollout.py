@@ -274,3 +274,19 @@ def test_rollout_only_may_quantize_the_lm_head(opd_tokenizer, policy):
         ref.lm_head.weight.copy_(fake_quantize(policy.lm_head.weight, "per_block", BLOCK))
     p, c, lp = prompts(opd_tokenizer)[0], out.completion_ids[0], out.behaviour_logps[0]
     torch.testing.assert_close(torch.tensor(lp), token_logps(ref, p, c), rtol=0, atol=1e-5)
+
+
+def test_cpu_copies_keep_their_dequantized_weights_until_a_sync(opd_tokenizer, policy):
+    b = backend(policy, opd_tokenizer)
+    layer = b.behaviour_model.model.layers[0].mlp.up_proj
+    assert layer.keep_dequantized
+    ids = torch.tensor([prompts(opd_tokenizer)[0]])
+    with torch.no_grad():
+        first = b.behaviour_model(ids).logits
+        kept = layer._dequantized[1]
+        assert b.behaviour_model(ids).logits.equal(first) and layer._dequantized[1] is kept
+        policy.model.layers[0].mlp.up_proj.weight.mul_(2)
+        b.sync_weights(policy, 1)
+        assert not b.behaviour_model(ids).logits.equal(first) and layer._dequantized[1] is not kept
+        torch.testing.assert_close(layer._dequantized[1], fake_quantize(policy.model.layers[0].mlp.up_proj.weight,
+                                                                        "per_block", BLOCK))
