@@ -20,7 +20,8 @@ from opd_plugins.teachers.cache.writer import TOPK_DTYPES, cache_header, load_sc
 
 def precompute_teacher(recipe: Any, pm: Any = None, *, rollouts: Any, out_dir: str | os.PathLike,
                        shard_size: int = 256, top_k: int = 64, topk_dtype: str = "float16", append_eos: bool = True,
-                       progress: bool = True, on_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
+                       progress: bool = True, on_shard: Callable[[int], None] | None = None,
+                       provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score a rollout set with the recipe's teacher and write (or finish) a teacher cache; returns the manifest.
 
     :param recipe: a validated :class:`~opd_plugins.recipe.schema.Recipe`. Its ``teacher`` is ``hf_model`` (used
@@ -38,6 +39,9 @@ def precompute_teacher(recipe: Any, pm: Any = None, *, rollouts: Any, out_dir: s
         Sampled-token log-probs and entropies are always float32.
     :param append_eos: end each completion with the tokenizer's eos token unless it already does.
     :param on_shard: called with each shard's index after it is written and listed (progress hooks, tests).
+    :param provenance: recorded in the manifest: ``sft_teacher`` (the model whose outputs the student was
+        fine-tuned on; the ``offline_cache`` teacher requires it to be the OPD teacher), ``sft_data``,
+        ``rollouts_from`` (see :func:`~opd_plugins.teachers.cache.writer.cache_header`).
     """
     from opd_plugins.data.loading import DatasetSource, load_source
     from opd_plugins.models import check_vocab_compatible, load_tokenizer, resolve_model_path
@@ -61,7 +65,8 @@ def precompute_teacher(recipe: Any, pm: Any = None, *, rollouts: Any, out_dir: s
                            recipe.model.name_or_path, tparams.model)
     header = cache_header(tparams.model, weights, scorer, tokenizer, recipe.model.name_or_path, src.describe(),
                      tokenization={"chat_template_kwargs": config.chat_template_kwargs or {},
-                                   "max_completion_length": config.max_completion_length, "append_eos": append_eos})
+                                   "max_completion_length": config.max_completion_length, "append_eos": append_eos},
+                          provenance=provenance)
     return write_cache(examples, out_dir, scorer=scorer, header=header, shard_size=shard_size, top_k=top_k,
                        topk_dtype=topk_dtype, progress=progress, on_shard=on_shard)
 
@@ -77,6 +82,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=256, help="rollouts per shard file (default 256)")
     p.add_argument("--topk-dtype", choices=TOPK_DTYPES, default="float16",
                    help="dtype of the stored top-k log-probs (default float16; sampled-token log-probs are float32)")
+    p.add_argument("--sft-teacher", help="the model whose outputs the student was fine-tuned on (recorded in the "
+                                         "manifest; offline_cache then requires it to be the OPD teacher)")
+    p.add_argument("--sft-data", help="the SFT data set the student was fine-tuned on (recorded as given)")
+    p.add_argument("--rollouts-from", help="the policy that produced --rollouts (recorded as given)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
     recipe, pm = load_recipe(args.recipe, list(args.overrides))
     out = args.out
     manifest = precompute_teacher(recipe, pm, rollouts=args.rollouts, out_dir=out, shard_size=args.shard_size,
-                                  top_k=args.top_k, topk_dtype=args.topk_dtype, progress=sys.stderr.isatty())
+                                  top_k=args.top_k, topk_dtype=args.topk_dtype, progress=sys.stderr.isatty(),
+                                  provenance={"sft_teacher": args.sft_teacher, "sft_data": args.sft_data,
+                                              "rollouts_from": args.rollouts_from})
     d = manifest["data"]
     print(f"{out}: teacher cache of {d['num_rows']} rollouts ({d['num_completion_tokens']} completion tokens, "
           f"top-{manifest['top_k']}) by {manifest['teacher']['id']!r}. Train with "

@@ -39,8 +39,13 @@ class OfflineCacheTeacher(Teacher):
     Looks up every completion by the sha256 of its exact prompt and completion token ids and returns the
     cached sampled-token log-probs, top-k and entropy. Train on the cached rollouts (``rollout: replay``): a
     completion the cache does not hold is an error, never a silent zero. ``teacher`` must name the teacher that
-    made the cache — the teacher-consistency condition under which offline OPD keeps the optimum of standard
-    OPD — and the trainer's tokenizer must be the one the cache was tokenized with.
+    made the cache, and when the cache records the teacher whose outputs the student was fine-tuned on
+    (``precompute-teacher --sft-teacher``), that must be the same teacher: together, Lightning OPD's
+    teacher-consistency condition, under which offline OPD keeps the optimum of standard OPD. A cache that does not
+    record it is used with a warning (``require_provenance: true`` refuses it); the record is what the user
+    declared, which the cache cannot verify. The trainer's tokenizer must be the one the cache was tokenized with.
+    Every shard is checked against the sha256 the manifest records before it is read, and the scores are checked
+    like any teacher's (:meth:`~opd_plugins.teachers.base.TeacherScores.validate`).
     Paper: Lightning OPD, https://github.com/jet-ai-projects/Lightning-OPD
     """
 
@@ -53,6 +58,8 @@ class OfflineCacheTeacher(Teacher):
                                               "must equal the teacher that made the cache.")
         tokenizer_check: bool = Field(True, description="Refuse a trainer tokenizer whose vocabulary differs from the cache's.")
         weights_sha256: str | None = Field(None, description="Also require the cache's teacher-weights hash to be this.")
+        require_provenance: bool = Field(False, description="Refuse a cache that does not record the SFT teacher "
+                                         "(precompute-teacher --sft-teacher) instead of warning.")
 
     def __init__(self, params: Params | None = None) -> None:
         super().__init__(params)
@@ -78,6 +85,7 @@ class OfflineCacheTeacher(Teacher):
                 f"teacher offline_cache: the cache at {p.path!r} was made from weights with sha256 "
                 f"{recorded['weights_sha256']}, the recipe requires {p.weights_sha256}"
             )
+        self._check_provenance()
         rollout = ctx.peers.get("rollout")
         if rollout is not None:  # fail before the first step, not at it
             self._check_rollout(rollout)
@@ -90,6 +98,27 @@ class OfflineCacheTeacher(Teacher):
                 f"teacher offline_cache: the cache was scored at temperature {recorded['temperature']}, the trainer "
                 f"samples at {temperature}; the cached teacher keeps its temperature", stacklevel=2,
             )
+
+    def _check_provenance(self) -> None:
+        """Lightning OPD's condition: the teacher that produced the student's SFT data is the OPD teacher."""
+        assert self.cache is not None
+        p = self.params
+        sft = (self.cache.manifest.get("provenance") or {}).get("sft_teacher")
+        if sft is None:
+            message = (f"teacher offline_cache: the cache at {p.path!r} does not record which teacher produced the "
+                       "student's SFT data, so Lightning OPD's teacher-consistency condition (the SFT teacher is the "
+                       f"OPD teacher, {p.teacher!r}) is not checked; record it with precompute-teacher --sft-teacher "
+                       "MODEL")
+            if p.require_provenance:
+                raise TeacherError(message + " (require_provenance: true)")
+            warnings.warn(message + ", or set require_provenance: true to refuse such caches", stacklevel=3)
+            return
+        if not same_teacher_id(sft, p.teacher):
+            raise TeacherError(
+                f"teacher offline_cache: the student was fine-tuned on outputs of {sft['id']!r} (the cache's "
+                f"provenance), but the recipe distils from {p.teacher!r}. Lightning OPD keeps the optimum of standard "
+                "OPD only when the SFT teacher is the OPD teacher: distil from the SFT teacher, or fine-tune the "
+                "student on this teacher's outputs first")
 
     def _check_rollout(self, rollout: Any) -> None:
         assert self.cache is not None

@@ -148,13 +148,7 @@ class TeacherCache:
 
     def _shard(self, s: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
         if s not in self._open:
-            from safetensors import safe_open
-
-            file = self.path / self.shards[s]["file"]
-            if not file.is_file():
-                raise TeacherError(f"teacher cache {str(self.path)!r}: shard {file.name} listed in the manifest is missing")
-            handle = safe_open(str(file), framework="pt")
-            self._open[s] = (handle, handle.get_tensor("prompt_offsets"), handle.get_tensor("completion_offsets"))
+            self._open[s] = open_shard(self.path, self.shards[s], self.top_k)
         return self._open[s]
 
     def prompt_ids(self, s: int, r: int) -> list[int]:
@@ -191,6 +185,78 @@ class TeacherCache:
         return row
 
 
+SHARD_TENSORS: dict[str, tuple[torch.dtype, ...]] = {
+    "prompt_ids": (torch.int32,), "prompt_offsets": (torch.int64,), "completion_ids": (torch.int32,),
+    "completion_offsets": (torch.int64,), "token_logps": (torch.float32,), "entropy": (torch.float32,),
+    "topk_ids": (torch.int32,), "topk_logps": (torch.float16, torch.float32), "row_index": (torch.int64,),
+}
+"""The tensors every shard holds and their dtypes (see the table at the top of this module)."""
+
+
+def open_shard(root: Path, shard: dict[str, Any], top_k: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """Open one shard after checking it: the file's sha256 against the manifest's (a changed, truncated or swapped
+    file is refused before it is read), then its header, tensors, dtypes and offsets. Returns the safetensors
+    handle and the prompt and completion offsets; every failure is a :class:`TeacherError` naming the shard."""
+    from safetensors import safe_open
+
+    file = root / shard["file"]
+    where = f"teacher cache {str(root)!r}: shard {file.name}"
+    redo = "precompute the cache again (or restore the file)"
+    if not file.is_file():
+        raise TeacherError(f"{where} listed in the manifest is missing; {redo}")
+    recorded = shard.get("sha256")
+    if recorded is None:
+        raise TeacherError(f"{where} has no sha256 in the manifest, so its contents cannot be verified; {redo}")
+    actual = file_sha256(file)
+    if actual != recorded:
+        raise TeacherError(f"{where} does not match the sha256 the manifest records (file {actual[:12]}…, manifest "
+                           f"{recorded[:12]}…): the file was changed, truncated or swapped since it was written; {redo}")
+    try:
+        handle = safe_open(str(file), framework="pt")
+        keys = set(handle.keys())
+        missing = sorted(set(SHARD_TENSORS) - keys)
+        if missing:
+            raise TeacherError(f"{where} lacks the tensors {', '.join(missing)}; {redo}")
+        tensors = {name: handle.get_slice(name) for name in SHARD_TENSORS}
+        p_off, c_off = handle.get_tensor("prompt_offsets"), handle.get_tensor("completion_offsets")
+    except TeacherError:
+        raise
+    except Exception as exc:  # safetensors' SafetensorError and friends: a corrupt header or body
+        raise TeacherError(f"{where} is not a readable safetensors file ({type(exc).__name__}: {exc}); {redo}") \
+            from None
+    for name, allowed in SHARD_TENSORS.items():
+        dtype = _slice_dtype(tensors[name])
+        if dtype not in allowed:
+            raise TeacherError(f"{where}: tensor {name} has dtype {dtype}, expected {allowed[0]}; {redo}")
+    a, b = shard.get("rows", [0, len(p_off) - 1])
+    n, total_c, total_p = b - a, int(c_off[-1]), int(p_off[-1])
+    shapes = {name: tuple(t.get_shape()) for name, t in tensors.items()}
+    expected = {"prompt_offsets": (n + 1,), "completion_offsets": (n + 1,), "row_index": (n,),
+                "prompt_ids": (total_p,), "completion_ids": (total_c,), "token_logps": (total_c,),
+                "entropy": (total_c,), "topk_ids": (total_c, top_k), "topk_logps": (total_c, top_k)}
+    wrong = [f"{k} {shapes[k]} (expected {v})" for k, v in expected.items() if shapes[k] != v]
+    if wrong or int(p_off[0]) != 0 or int(c_off[0]) != 0 or bool((p_off.diff() < 0).any()) \
+            or bool((c_off.diff() < 0).any()):
+        raise TeacherError(f"{where} is inconsistent ({'; '.join(wrong) or 'offsets out of order'}); {redo}")
+    return handle, p_off, c_off
+
+
+def _slice_dtype(view: Any) -> torch.dtype | None:
+    names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+             "I32": torch.int32, "I64": torch.int64, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+    return names.get(view.get_dtype())
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file's bytes, read in 16 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def check_tokenizer(manifest: dict[str, Any], tokenizer: Any, path: Any, who: str) -> None:
     """Refuse a trainer tokenizer whose vocabulary differs from the one the cache was tokenized with."""
     cached = manifest["tokenizer"]["vocab_sha256"]
@@ -204,5 +270,6 @@ def check_tokenizer(manifest: dict[str, Any], tokenizer: Any, path: Any, who: st
         )
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "CachedRow", "TeacherCache", "check_tokenizer", "data_sha256",
-           "prompt_key", "read_manifest", "row_key", "same_teacher_id", "tokenizer_sha256"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "SHARD_TENSORS", "CachedRow", "TeacherCache", "check_tokenizer",
+           "data_sha256", "file_sha256", "open_shard", "prompt_key", "read_manifest", "row_key", "same_teacher_id",
+           "tokenizer_sha256"]

@@ -17,7 +17,15 @@ from typing import Any
 
 from opd_plugins.errors import DataError, OPDError
 from opd_plugins.paths import atomic_write
-from opd_plugins.teachers.cache.format import FORMAT, FORMAT_VERSION, MANIFEST, data_sha256, row_key, tokenizer_sha256
+from opd_plugins.teachers.cache.format import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    data_sha256,
+    file_sha256,
+    row_key,
+    tokenizer_sha256,
+)
 
 TOPK_DTYPES = ("float16", "float32")
 # What must match for a re-run to reuse finished shards.
@@ -124,14 +132,14 @@ def weights_sha256(path: str, model: Any) -> tuple[str, str]:
     return h.hexdigest(), "state_dict"
 
 def cache_header(teacher_id: str, weights: tuple[str, str], scorer: Any, tokenizer: Any, tokenizer_name: str,
-            source: str, *, tokenization: dict[str, Any]) -> dict[str, Any]:
-    from opd_plugins.recipe.references import looks_like_local_path
-
-    local = Path(teacher_id).expanduser()
-    return {
+                 source: str, *, tokenization: dict[str, Any], provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest's description of what made the cache. ``provenance`` records where the student came from:
+    ``sft_teacher`` (the model that produced the SFT data the student was fine-tuned on; the ``offline_cache``
+    teacher checks it is the OPD teacher, Lightning OPD's condition), ``sft_data`` and ``rollouts_from`` (free
+    text); it is what the user declares, not something the cache can verify."""
+    header = {
         "format": FORMAT, "version": FORMAT_VERSION,
-        "teacher": {"id": teacher_id,
-                    "path": str(local.resolve()) if local.exists() or looks_like_local_path(teacher_id) else None,
+        "teacher": {**model_identity(teacher_id),
                     "weights_sha256": weights[0], "weights_hashed": weights[1],
                     "dtype": scorer.params.dtype, "temperature": scorer.temperature},
         "tokenizer": {"name_or_path": tokenizer_name, "vocab_sha256": tokenizer_sha256(tokenizer)},
@@ -139,6 +147,27 @@ def cache_header(teacher_id: str, weights: tuple[str, str], scorer: Any, tokeniz
         "data": {"source": source},
         "tokenization": tokenization,
     }
+    given = {k: v for k, v in (provenance or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(PROVENANCE_KEYS))
+    if unknown:
+        raise OPDError(f"unknown provenance keys {', '.join(unknown)}; known: {', '.join(PROVENANCE_KEYS)}")
+    if given:
+        header["provenance"] = {k: model_identity(str(v)) if k == "sft_teacher" else str(v) for k, v in given.items()}
+    return header
+
+
+PROVENANCE_KEYS = ("sft_teacher", "sft_data", "rollouts_from")
+"""What a cache may record about where its student and rollouts came from (see :func:`cache_header`)."""
+
+
+def model_identity(name: str) -> dict[str, Any]:
+    """``{"id": name, "path": <resolved local directory or None>}``: how a manifest names a model (compared by
+    :func:`~opd_plugins.teachers.cache.format.same_teacher_id`)."""
+    from opd_plugins.recipe.references import looks_like_local_path
+
+    local = Path(name).expanduser()
+    return {"id": name, "path": str(local.resolve()) if local.exists() or looks_like_local_path(name) else None}
+
 
 def write_cache(examples: list[tuple[list[int], list[int]]], out_dir: str | os.PathLike, *, scorer: Any,
                 header: dict[str, Any], shard_size: int = 256, top_k: int = 64, topk_dtype: str = "float16",
@@ -187,7 +216,7 @@ def write_cache(examples: list[tuple[list[int], list[int]]], out_dir: str | os.P
                 file = _write_shard(out, idx, examples[a:b], range(a, b), scorer, top_k, topk_dtype, pad_id)
                 entry = {"index": idx, "file": file.name, "rows": [a, b],
                          "num_completion_tokens": sum(len(c) for _, c in examples[a:b]),
-                         "sha256": _file_sha256(file), "keys": keys[a:b]}
+                         "sha256": file_sha256(file), "keys": keys[a:b]}
                 manifest["shards"] = sorted([*manifest["shards"], entry], key=lambda s: s["index"])
                 _write_json(out / MANIFEST, manifest)
                 if on_shard is not None:
@@ -214,7 +243,7 @@ def _finished_shards(out: Path, manifest: dict[str, Any]) -> dict[int, dict[str,
         raise OPDError(f"{out} already holds a teacher cache made from different inputs (differs in: "
                        f"{', '.join(differ) or 'format'}): choose another --out directory or delete it")
     return {s["index"]: s for s in old.get("shards", [])
-            if (out / s["file"]).is_file() and _file_sha256(out / s["file"]) == s["sha256"]}
+            if (out / s["file"]).is_file() and file_sha256(out / s["file"]) == s["sha256"]}
 
 
 def _get(d: dict[str, Any], keys: tuple[str, ...]) -> Any:
@@ -244,6 +273,7 @@ def _write_shard(out: Path, idx: int, rows: list[tuple[list[int], list[int]]], r
             completion_mask=torch.tensor([[1] * len(rows[i][1]) + [0] * (T - len(rows[i][1])) for i in chunk]),
         )
         scores = scorer.score(batch, "topk")
+        scores.validate(batch, f"{scorer.name} (precompute-teacher)")  # never cache NaN or implausible scores
         for j, i in enumerate(chunk):
             n = len(rows[i][1])
             per_row[i] = {"token_logps": scores.token_logps[j, :n], "entropy": scores.entropy[j, :n],
@@ -271,16 +301,8 @@ def _write_shard(out: Path, idx: int, rows: list[tuple[list[int], list[int]]], r
     return file
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     atomic_write(path, json.dumps(obj, indent=1))
 
 
-__all__ = ["TOPK_DTYPES", "cache_header", "cache_teacher_batch", "load_scorer", "tokenize_rollouts", "weights_sha256", "write_cache"]
+__all__ = ["PROVENANCE_KEYS", "TOPK_DTYPES", "cache_header", "model_identity", "cache_teacher_batch", "load_scorer", "tokenize_rollouts", "weights_sha256", "write_cache"]
