@@ -86,15 +86,16 @@ def arg_problems(args: dict[str, Any]) -> list[Problem]:
         return f"not an argument of TRL's DPOConfig, which trains this recipe (trainer soda): {why}"
 
     problems = name_problems(args, names, explain=explain, allowed=SAMPLING_ARGS)
+    try:
+        Sampling.model_validate(args)
+    except ValidationError as exc:
+        for err in exc.errors():
+            problems.append(Problem(f"trainer.args.{err['loc'][0]}", f"{err['msg']} [got {err.get('input')!r}]"))
+    flagged = {p.path for p in problems}
     ranges = {**{k: v for k, v in RANGES.items() if k != "beta"},  # beta: the DPO check below
               "temperature": (lambda v: v >= 0, ">= 0 (0 = greedy)")}
-    problems += value_problems(args, {**fields, **_SAMPLING_FIELDS}, ranges=ranges)
-    if not any(p.path.removeprefix("trainer.args.") in SAMPLING_ARGS for p in problems):
-        try:
-            Sampling.model_validate(args)
-        except ValidationError as exc:
-            for err in exc.errors():
-                problems.append(Problem(f"trainer.args.{err['loc'][0]}", f"{err['msg']} [got {err.get('input')!r}]"))
+    problems += value_problems({k: v for k, v in args.items() if f"trainer.args.{k}" not in flagged},
+                               {**fields, **_SAMPLING_FIELDS}, ranges=ranges)
     loss_types = args.get("loss_type", "sigmoid")
     loss_types = loss_types if isinstance(loss_types, list) else [loss_types]
     bad = [t for t in loss_types if t not in LOSS_TYPES]

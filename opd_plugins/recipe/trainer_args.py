@@ -30,10 +30,14 @@ FieldInfo = dict[str, Any]
 ``bool``, ``int``, ``float``, ``str``, ``list``, ``dict``, ``none`` or ``any``."""
 
 
+FIELDS_FORMAT = 2
+"""Changes when :func:`describe_fields` describes fields differently (old cache files are then ignored)."""
+
+
 def cached_fields(key: str, load: Callable[[], type]) -> dict[str, FieldInfo]:
     """The fields of the dataclass ``load()`` returns (:data:`FieldInfo` per name), cached as JSON under ``key``
     in the user cache."""
-    path = cache_dir() / f"{key}.json"
+    path = cache_dir() / f"{key}-fields{FIELDS_FORMAT}.json"
     try:
         cached = json.loads(path.read_text())
         if isinstance(cached, dict) and all(isinstance(v, dict) and "types" in v for v in cached.values()):
@@ -90,6 +94,9 @@ def _atoms(tp: Any, kinds: set[str], choices: list[Any]) -> None:
         kinds.add(tp.__name__)
     elif tp in (list, tuple) or origin in (list, tuple):
         kinds.add("list")
+        for arg in typing.get_args(tp):  # TRL and transformers wrap a single value: `loss_type: ipo`
+            if arg is not Ellipsis:
+                _atoms(arg, kinds, choices)
     elif tp is dict or origin is dict:
         kinds.add("dict")
     else:

@@ -149,13 +149,14 @@ def test_quoted_numbers_are_the_numbers_meant(base, tmp_path):
 def test_soda_trainer_args_values(base, tmp_path):
     from opd_plugins.recipe.preference import arg_problems
 
-    msgs = [str(p) for p in arg_problems({"learning_rate": 0, "temperature": -1, "max_completion_length": "long",
-                                          "top_p": float("nan")})]
-    assert any("trainer.args.learning_rate: must be > 0" in m for m in msgs), msgs
-    assert any("trainer.args.temperature: must be >= 0" in m for m in msgs), msgs
-    assert any("trainer.args.max_completion_length: must be an integer" in m for m in msgs), msgs
-    assert any("trainer.args.top_p: must be a finite number" in m for m in msgs), msgs
-    assert not arg_problems({"temperature": 0, "learning_rate": "5e-7", "beta": 0.1})
+    msgs = [str(p) for p in arg_problems({"learning_rate": 0, "temperature": float("inf"), "max_steps": "ten",
+                                          "top_p": float("nan"), "max_completion_length": "long"})]
+    assert "trainer.args.learning_rate: must be > 0 [got 0]" in msgs, msgs
+    assert "trainer.args.temperature: must be a finite number [got inf]" in msgs, msgs
+    assert "trainer.args.max_steps: must be an integer [got 'ten']" in msgs, msgs
+    assert any(m.startswith("trainer.args.top_p: ") for m in msgs), msgs  # the snapshot's own check
+    assert any(m.startswith("trainer.args.max_completion_length: ") for m in msgs), msgs
+    assert not arg_problems({"temperature": 0, "learning_rate": "5e-7", "beta": 0.1, "loss_type": "ipo"})
 
 
 # -- 4. output_dir -----------------------------------------------------------------------------------------------
