@@ -49,7 +49,9 @@ def require(tensor: torch.Tensor | None, what: str, owner: Any) -> torch.Tensor:
         hint = {"token_reward": "the recipe needs a teacher and a divergence (the divergence's per-token reward is the "
                                 "guidance)",
                 "ref_logps": "the estimator needs a reference policy (its `reference` param), which the trainer "
-                             "scores the batch with"}.get(what, "the trainer must pass the policy's log-probs "
+                             "scores the batch with",
+                "token_value": "the trainer fills the divergence's per-token value when needs_token_value() is "
+                               "true"}.get(what, "the trainer must pass the policy's log-probs "
                                                                   "(needs_logps)")
         raise ValueError(f"advantage {owner.name!r} needs inputs.{what}, which is None: {hint}")
     return tensor

@@ -24,6 +24,8 @@ class AdvantageInputs:
       ``needs_logps``; else None.
     * ``ref_logps``: ``(B, T)`` the reference policy's log-probs of the sampled tokens, when the estimator has a
       :meth:`~AdvantageEstimator.reference`; else None.
+    * ``token_value``: ``(B, T)`` the divergence's per-token value D̂_t (exact for full-vocabulary divergences,
+      the sampled-token estimate otherwise), when :meth:`~AdvantageEstimator.needs_token_value`; else None.
     * ``step`` / ``max_steps``: training progress (for scheduled coefficients).
     """
 
@@ -34,6 +36,7 @@ class AdvantageInputs:
     token_reward: torch.Tensor | None = None
     logps: torch.Tensor | None = None
     ref_logps: torch.Tensor | None = None
+    token_value: torch.Tensor | None = None
     step: int = 0
     max_steps: int = 0
 
@@ -69,6 +72,11 @@ class AdvantageEstimator(Component):
                     return rows
         return None
 
+    def needs_token_value(self) -> bool:
+        """Whether :meth:`compute` reads ``inputs.token_value`` (the divergence's per-token value, for a
+        reward-to-go); default False."""
+        return False
+
     def reference(self) -> Any:
         """A teacher component scoring the sampled tokens as a reference policy π_ref, when the estimator uses one
         (``inputs.ref_logps``); the trainer sets it up and scores each generation batch with it. Nested estimators
@@ -96,3 +104,19 @@ def degenerate_groups(rewards: torch.Tensor, num_generations: int) -> list[int]:
     lo = torch.where(torch.isnan(g), torch.full_like(g, float("inf")), g).min(1).values
     hi = torch.where(torch.isnan(g), torch.full_like(g, float("-inf")), g).max(1).values
     return [i for i, same in enumerate((hi - lo <= 1e-8) | torch.isinf(lo)) if bool(same)]
+
+
+def reward_to_go(token_reward: torch.Tensor, mask: torch.Tensor,
+                 token_value: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, T)`` the dense advantage of the sequence-level divergence: ``A_t = d_t − Σ_{t'>t} D̂_t'`` over each
+    row's valid positions (0 at masked ones).
+
+    ``d_t`` is the divergence's sampled-token reward, whose policy gradient at position t is −∇D_t with the
+    prefix fixed (OPD's per-position gradient); ``D̂_t'`` (``token_value``) is the divergence's value at the later
+    positions, exact for a full-vocabulary divergence, unbiased for a sampled-token one (default: ``−d``, right
+    for the reverse KL's k1 reward). Later positions depend on y_t through the states they visit, so
+    E_π[Σ_t A_t ∇log π(y_t | y_<t)] = −∇ E_π[Σ_t D_t], the gradient of the sequence-level objective."""
+    m = mask.to(token_reward.dtype)
+    future = -token_reward if token_value is None else token_value.to(token_reward.dtype)
+    later = (future * m).flip(1).cumsum(1).flip(1) - future * m  # Σ_{t'>t} D̂_t'
+    return (token_reward - later) * m

@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 
 from opd_plugins.advantages import _common
-from opd_plugins.advantages.base import AdvantageEstimator, AdvantageInputs
+from opd_plugins.advantages.base import AdvantageEstimator, AdvantageInputs, reward_to_go
 from opd_plugins.components import ComponentParams, ComponentSpec
 from opd_plugins.schedules.base import progress
 
@@ -26,7 +26,9 @@ class TeacherDenseAdvantage(AdvantageEstimator):
     to ``dense_coef_end`` (last step): ``constant``, ``linear_decay`` or ``cosine_decay`` — the "sparse-to-dense"
     bridge leans on the teacher early and on the outcome later. ``dense_on: incorrect`` applies the dense term
     only to completions whose reward is below ``correct_threshold`` (``g_i``; KDRL's reward-guided KD; unscored
-    completions keep it).
+    completions keep it). ``reward_to_go: true`` replaces ``d_t`` by ``d_t − Σ_{t'>t} D_t'`` (D the divergence's
+    per-token value): the policy gradient of the sequence-level divergence E_π[Σ_t D_t], where ``d_t`` alone is
+    OPD's per-position gradient with the prefix fixed (:func:`~opd_plugins.advantages.base.reward_to_go`).
 
     Composition: ``sparse`` is any registered estimator, ``{name, params}`` (built-in, installed, or from the
     recipe's ``plugins:``), built by the registry with this estimator; its needs (``min_generations``, log-probs)
@@ -58,6 +60,9 @@ class TeacherDenseAdvantage(AdvantageEstimator):
         dense_on: Literal["all", "incorrect"] = Field(
             "all", description="Dense term on every completion, or only on those below correct_threshold (KDRL).")
         correct_threshold: float = Field(0.5, description="A completion is correct when its reward is at least this.")
+        reward_to_go: bool = Field(
+            False, description="Dense term d_t − Σ_{t'>t} D_t' (the sequence-level divergence's policy gradient) "
+                               "instead of OPD's per-position d_t.")
 
     def __init__(self, params: Params | None = None, nested: dict[str, Any] | None = None) -> None:
         super().__init__(params, nested)
@@ -67,6 +72,9 @@ class TeacherDenseAdvantage(AdvantageEstimator):
     def num_generations_problem(self, num_generations: int) -> str | None:
         """The nested estimator's objection to this group size, if any (e.g. ``median`` and even groups)."""
         return self.sparse.num_generations_problem(num_generations) if self.sparse is not None else None
+
+    def needs_token_value(self) -> bool:
+        return self.params.reward_to_go
 
     def dense_coefficient(self, step: int, max_steps: int) -> float:
         p, start, end = progress(step, max_steps), self.params.dense_coef, self.params.dense_coef_end
@@ -84,6 +92,8 @@ class TeacherDenseAdvantage(AdvantageEstimator):
         gate = torch.ones_like(local)
         if self.params.dense_on == "incorrect":
             gate = (~(local >= self.params.correct_threshold)).to(token_reward)  # NaN (unscored) keeps the term
+        if self.params.reward_to_go:
+            token_reward = reward_to_go(token_reward, mask, _common.require(inputs.token_value, "token_value", self))
         adv = self.dense_coefficient(inputs.step, inputs.max_steps) * gate.unsqueeze(1) * token_reward * mask
         if self.sparse is not None and self.params.sparse_coef != 0 and not torch.isnan(rewards).all():
             sparse = self.sparse.compute(inputs).to(adv)

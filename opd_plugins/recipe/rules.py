@@ -333,7 +333,25 @@ def pg_terms_rule(ctx: RecipeContext) -> list[Problem]:
     return problems
 
 
-ON_POLICY_RULES = (teacher_needed_rule, capability_rule, reward_rule, batch_rule, rollout_args_rule, pg_terms_rule)
+def reward_to_go_rule(ctx: RecipeContext) -> list[Problem]:
+    """``objective.divergence_reward_to_go`` transforms the divergence reward: with that reward's weight 0 at every
+    step (or no divergence) it would do nothing."""
+    objective = ctx.sections.objective
+    if objective is None or not objective.divergence_reward_to_go:
+        return []
+    weight = ctx.built.get("div_reward_weight")
+    if ctx.built.get("divergence") is None and ctx.sections.divergence is None:
+        return [Problem("objective.divergence_reward_to_go", "is true but the recipe has no divergence, whose "
+                        "per-token reward it would sum; set a divergence or remove it")]
+    if weight is not None and all(weight.value(s, 100) == 0 for s in range(0, 101, 5)):
+        return [Problem("objective.divergence_reward_to_go", "is true but objective.divergence_reward is 0 at every "
+                        "step, so no divergence reward reaches the advantages; set divergence_reward (e.g. 1.0), or "
+                        "use teacher_dense {reward_to_go: true}")]
+    return []
+
+
+ON_POLICY_RULES = (teacher_needed_rule, capability_rule, reward_rule, batch_rule, rollout_args_rule, pg_terms_rule,
+                   reward_to_go_rule)
 
 
 __all__ = ["GENERIC_RULES", "ON_POLICY_RULES", "RecipeContext", "device_problems"]

@@ -71,12 +71,15 @@ class ObjectiveSpec(Strict):
     """Weights of the loss terms, each a number or a schedule ``{name, params}``.
 
     ``loss = policy_gradient(t) · PG + divergence(t) · D``; ``divergence_reward(t)`` adds the divergence's
-    per-token reward to the advantages (OPD as RL).
+    per-token reward to the advantages (OPD as RL), or its reward-to-go with ``divergence_reward_to_go``.
     """
 
     policy_gradient: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="constant", params={"value": 1.0}))
     divergence: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="constant", params={"value": 0.0}))
     divergence_reward: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="constant", params={"value": 0.0}))
+    divergence_reward_to_go: bool = Field(False, description=(
+        "Add the reward-to-go Σ_{t'≥t} d_t' of the divergence's per-token reward instead of d_t: the policy "
+        "gradient of the sequence-level divergence rather than OPD's per-position one (docs/components.md)."))
 
     _coerce = field_validator("policy_gradient", "divergence", "divergence_reward", mode="before")(
         classmethod(lambda cls, v: as_schedule_spec(v))

@@ -29,6 +29,7 @@ class Components:
     pg_weight: Any = field(default_factory=lambda: _constant(1.0))
     div_weight: Any = field(default_factory=lambda: _constant(0.0))
     div_reward_weight: Any = field(default_factory=lambda: _constant(0.0))
+    div_reward_to_go: bool = False  # add Σ_{t'≥t} d_t' instead of d_t (objective.divergence_reward_to_go)
     correction: Any = None  # a CorrectionSpec, or anything CorrectionSpec.model_validate takes ("tis", {...})
 
     def __post_init__(self) -> None:
@@ -66,7 +67,7 @@ class Components:
                  "rollout": "rollout", "pg_weight": "schedule", "div_weight": "schedule", "div_reward_weight": "schedule"}
         resolved: dict[str, Any] = {}
         for slot, value in slots.items():
-            if slot == "correction":
+            if slot in ("correction", "div_reward_to_go"):
                 resolved[slot] = value
             elif slot == "token_weighting":
                 resolved[slot] = [_resolve(pm, "token_weighting", v) for v in value]
@@ -76,7 +77,7 @@ class Components:
                 resolved[slot] = _resolve(pm, kinds[slot], value)
             else:
                 raise TypeError(f"unknown component slot {slot!r}; slots are "
-                                f"{', '.join([*kinds, 'token_weighting', 'correction'])}")
+                                f"{', '.join([*kinds, 'token_weighting', 'correction', 'div_reward_to_go'])}")
         return cls(**resolved)
 
     @classmethod
@@ -89,7 +90,8 @@ class Components:
             names = ("teacher", "divergence", "advantage", "sampler", "rollout", "pg_weight", "div_weight",
                      "div_reward_weight")
             return cls(**{k: built[k] for k in names if k in built},
-                       token_weighting=list(built.get("token_weighting", [])), correction=recipe.correction)
+                       token_weighting=list(built.get("token_weighting", [])), correction=recipe.correction,
+                       div_reward_to_go=recipe.objective.divergence_reward_to_go)
         spec = lambda s: None if s is None else (s.name, s.params)  # noqa: E731
         return cls.build(
             pm,
@@ -98,6 +100,7 @@ class Components:
             token_weighting=[spec(s) for s in recipe.token_weighting],
             pg_weight=spec(recipe.objective.policy_gradient), div_weight=spec(recipe.objective.divergence),
             div_reward_weight=spec(recipe.objective.divergence_reward), correction=recipe.correction,
+            div_reward_to_go=recipe.objective.divergence_reward_to_go,
         )
 
     def named(self) -> dict[str, Component]:

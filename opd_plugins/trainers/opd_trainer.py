@@ -24,7 +24,7 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import is_async_callable
 
-from opd_plugins.advantages.base import AdvantageInputs, degenerate_groups
+from opd_plugins.advantages.base import AdvantageInputs, degenerate_groups, reward_to_go
 from opd_plugins.context import Rollouts, Sampling, SetupContext
 from opd_plugins.correction import combine_stats, divergence_weights, importance_weights, weight_advantages
 from opd_plugins.divergences.base import StudentOutputs
@@ -389,11 +389,16 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
             rewards = torch.full((B * self.accelerator.num_processes,), float("nan"), device=device)
         out["rewards"] = rewards[local].to(device)
         self.step.global_rewards, self.step.local = rewards, local
-        token_reward = None
-        need_token_reward = c.advantage.needs_token_reward or (c.divergence is not None and self.weight(c.div_reward_weight) != 0)
+        token_reward = token_value = None
+        w_r = self.weight(c.div_reward_weight) if c.divergence is not None else 0.0
+        need_token_reward = c.advantage.needs_token_reward or w_r != 0
         if need_token_reward and scores is not None and c.divergence is not None:
-            token_reward = c.divergence.reward(self.student_outputs(self.model, out, grad=False), scores) * mask
+            student = self.student_outputs(self.model, out, grad=False)
+            token_reward = c.divergence.reward(student, scores) * mask
             self._log("opd/divergence_reward", float(token_reward.sum() / mask.sum().clamp(min=1)))
+            if c.advantage.needs_token_value() or (w_r != 0 and c.div_reward_to_go):
+                with torch.no_grad():
+                    token_value = c.divergence.per_token(student, scores).value * mask
         logps = None
         if c.advantage.needs_logps:
             logps = out.get("old_per_token_logps")
@@ -406,6 +411,7 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         inputs = AdvantageInputs(rewards=rewards, num_generations=num_gen, local=local, mask=mask,
                                  token_reward=token_reward if c.advantage.needs_token_reward else None,
                                  logps=logps, ref_logps=ref_logps, step=self.state.global_step,
+                                 token_value=token_value if c.advantage.needs_token_value() else None,
                                  max_steps=self.state.max_steps or 0)
         if self._has_rewards or c.advantage.needs_token_reward:
             advantages = c.advantage.compute(inputs).to(device)
@@ -428,10 +434,11 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
             if mode == "train" and getattr(self.args, "degenerate_groups", "keep") == "drop":
                 self.drop_groups(out, degenerate, num_gen, local)
                 mask = loss_mask(out)
-        w_r = self.weight(c.div_reward_weight) if c.divergence is not None else 0.0
         if w_r != 0 and token_reward is not None:
             if advantages.dim() == 1:
                 advantages = advantages.unsqueeze(1) * mask
+            if c.div_reward_to_go:  # the sequence-level divergence's gradient (advantages.base.reward_to_go)
+                token_reward = reward_to_go(token_reward, mask, token_value)
             advantages = advantages + w_r * token_reward
         return advantages
 

@@ -60,3 +60,33 @@ def test_rloo_raises_reward(tmp_path, opd_tokenizer):
     tr.train()
     r = history(tr, "reward")
     assert len(r) == 12 and sum(r[-3:]) / 3 > sum(r[:3]) / 3 + 0.1, r
+
+
+@pytest.mark.parametrize("divergence", [("reverse_kl", {}), ("forward_kl", {})])
+def test_divergence_reward_to_go_reaches_the_advantages(tmp_path, opd_tokenizer, divergence):
+    """No task reward: the advantages are exactly the reward-to-go of the divergence's reward and values."""
+    import torch
+
+    from opd_plugins.advantages.base import reward_to_go
+
+    comps = Components.build(teacher="self_context", divergence=divergence, pg_weight=1.0, div_reward_weight=1.0,
+                             div_reward_to_go=True)
+    tr = trainer(tmp_path / "run", opd_tokenizer, build_tiny_model(opd_tokenizer, seed=0), components=comps,
+                 max_steps=1)
+    seen = []
+    original = tr.compute_advantages
+
+    def spy(out, rows, scores, mask):
+        advantages = original(out, rows, scores, mask)
+        student = tr.student_outputs(tr.model, out, grad=False)
+        d = comps.divergence.reward(student, scores) * mask
+        value = comps.divergence.per_token(student, scores).value * mask
+        seen.append((advantages, reward_to_go(d, mask, value), d))
+        return advantages
+
+    tr.compute_advantages = spy
+    tr.train()
+    advantages, expected, d = seen[0]
+    assert torch.allclose(advantages, expected, atol=1e-5)
+    assert not torch.allclose(advantages, d, atol=1e-3)  # not the per-position reward
+    assert math.isfinite(history(tr, "loss")[0])

@@ -216,3 +216,12 @@ def test_rollout_trainer_args_and_peer_rules(base, tmp_path):
     from opd_plugins.runs.opd import build_config
 
     assert build_config(recipe, recipe.components["rollout"]).temperature == 0.5
+
+
+def test_reward_to_go_without_a_divergence_reward_is_refused(base, tmp_path):
+    base["objective"] = {"policy_gradient": 1.0, "divergence": 0.0, "divergence_reward_to_go": True}
+    assert "objective.divergence_reward_to_go: is true but objective.divergence_reward is 0 at every step" in \
+        str(problems(write(tmp_path, base)))
+    base["objective"]["divergence_reward"] = 1.0
+    recipe, _ = load_recipe(write(tmp_path, base))
+    assert recipe.objective.divergence_reward_to_go

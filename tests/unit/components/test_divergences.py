@@ -241,6 +241,22 @@ def test_estimate_reward_is_unbiased_and_non_negative(cls, params):
         assert (div.reward(st, te) <= 1e-6).all()
 
 
+@pytest.mark.parametrize("cls,params", [(JSD, {"beta": 1.0}), (SkewKL, {"alpha": 0.0, "direction": "reverse"}),
+                                        (ForwardKL, {})], ids=["jsd_beta1", "skew_alpha0_reverse", "forward_kl"])
+def test_estimate_reward_policy_gradient_is_biased_even_where_the_divergence_is_reverse_kl(cls, params):
+    """``reward: estimate`` is unbiased for the value but not for the gradient, also for jsd β=1 and skew α=0
+    reverse, which equal reverse KL (their estimate reward is −k3); ``score`` follows −∇D exactly (as the docs say)."""
+    s_logits, t_logps, _ = random_pair(B=2, T=2, V=6, seed=32)
+    ref = autograd_of(s_logits, lambda z: chunked_divergence(z, t_logps, cls(cls.Params(**params)).formula(),
+                                                             chunk_size=0))
+    grads = {}
+    for form in ("score", "estimate"):
+        div = cls(cls.Params(**params, reward=form))
+        grads[form] = expected_grad(s_logits, t_logps, lambda st, te, div=div: -div.reward(st, te) * st.token_logps)
+    assert torch.allclose(grads["score"], ref, atol=1e-5)
+    assert (grads["estimate"] - ref).norm() > 0.1 * ref.norm()
+
+
 @pytest.mark.parametrize("kind,coef", KIND_COEF)
 def test_rewards_are_zero_where_teacher_equals_student(kind, coef):
     zero = torch.zeros(4)
