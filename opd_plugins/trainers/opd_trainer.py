@@ -33,6 +33,7 @@ from opd_plugins.teachers.base import CAPABILITY_ORDER, TeacherBatch, TeacherSco
 from opd_plugins.token_weighting.base import GenerationBatch
 from opd_plugins.trainers.checkpointing import HookedTrainerMixin
 from opd_plugins.trainers.components import Components
+from opd_plugins.trainers.guards import check_finite_terms
 from opd_plugins.trainers.opd_config import OPDConfig
 from opd_plugins.trainers.step_state import StepState
 from opd_plugins.trainers.student import full_vocab_outputs, fused_outputs, loss_mask
@@ -541,6 +542,7 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
                     raise OPDError(f"a plugin's opd_loss_terms returned term {name!r}, which already exists")
                 terms[name] = value
                 self._log(f"opd/loss/{name}", float(value.detach()))
+        check_finite_terms(terms, self.state.global_step + 1)  # a NaN term stops the run here, naming the term
         for result in self.pm.call("opd_step_metrics", trainer=self, inputs=inputs, mode=self._mode()):
             for name, value in (result or {}).items():
                 self._log(name, value)

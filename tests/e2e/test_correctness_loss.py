@@ -96,3 +96,26 @@ def test_ace_with_a_reference_scores_the_batch_with_it(tmp_path, opd_tokenizer):
     tr.train()
     assert seen and seen[0] is not None and seen[0].shape[0] == 4
     assert comps.advantage.confidence == "reference"
+
+
+def test_a_non_finite_loss_term_stops_training_naming_the_term(tmp_path, opd_tokenizer):
+    import torch
+
+    from opd_plugins.errors import TrainingError
+    from opd_plugins.trainers import OPDTrainer
+
+    class Broken(OPDTrainer):
+        def divergence_loss(self, model, inputs):
+            return super().divergence_loss(model, inputs) * float("nan")
+
+    from helpers.tiny import config, prompt_dataset
+
+    model = build_tiny_model(opd_tokenizer)
+    before = [p.detach().clone() for p in model.parameters()]
+    comps = Components.build(teacher="self_context", divergence="reverse_kl", pg_weight=1.0, div_weight=1.0)
+    tr = Broken(model=model, args=config(tmp_path / "run", max_steps=2, save_strategy="steps", save_steps=1),
+                components=comps, train_dataset=prompt_dataset(), processing_class=opd_tokenizer)
+    with pytest.raises(TrainingError, match=r"training stopped at step 1: the loss term divergence = nan"):
+        tr.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # no optimizer step
+    assert not any((tmp_path / "run").glob("checkpoint-*"))
