@@ -4,19 +4,21 @@ Random-weight models are built in-process (no download) from Qwen3-0.6B / 1.7B /
 For each model the arms are:
 
 * ``bf16``: the model itself;
-* ``fp8_per_block`` / ``fp8_per_channel``: a private copy made by ``convert_to_fp8`` (lm_head left in bf16),
-  whose matmul kernel (``FP8Linear.kernel``: ``scaled_mm_blockwise``, ``scaled_mm_rowwise`` or ``dequant``) is
-  reported.
+* ``fp8_per_block`` / ``fp8_per_channel``: the ``fp8`` rollout backend's ``rollout_only`` copy, made by its own
+  conversion path (``opd_plugins.rollout.fp8.build_fp8_copy``: a private copy, lm_head left in bf16), whose
+  matmul kernel (``FP8Linear.kernel``: ``scaled_mm_blockwise``, ``scaled_mm_rowwise`` or ``dequant``) is reported.
 
-Per (model, arm, batch size): new tokens/s of ``generate`` (prompt ``--prompt-len`` random tokens,
-``min_new_tokens = max_new_tokens = --new-tokens`` so every row has the same length, greedy unless ``--sample``,
-one warm-up call, CUDA-synchronised timing); ``weights_gib`` (the arm's own parameters and buffers) and
-``peak_gib`` (``weights_gib`` + the rise of ``torch.cuda.max_memory_allocated`` during ``generate``, the peak
-stats reset before each call, so other arms' resident weights are not counted). Per FP8 arm: ``sync_ms``, the
-median time of ``requantize_from(fp8_copy, bf16_model)`` (a full weight sync), and two numerics checks on a probe
-batch: ``err_vs_bf16`` (relative Frobenius error of the logits against the bf16 model) and ``err_vs_dequant``
-(against the same FP8 copy with every layer forced onto the ``dequant`` path, i.e. fake quantization: it
-measures what the real FP8 kernels and their activation quantization add; 0 when the kernel is ``dequant``).
+Per (model, arm, batch size): new tokens/s of the backend's generation (``generate_with_logprobs``: sampling at
+temperature 1 with the sampled tokens' log-probs recorded, as in training; prompt ``--prompt-len`` random tokens,
+``min_new_tokens = max_new_tokens = --new-tokens`` so every row has the same length, one warm-up call,
+CUDA-synchronised timing); ``weights_gib`` (the arm's own parameters and buffers) and ``peak_gib``
+(``weights_gib`` + the rise of ``torch.cuda.max_memory_allocated`` during generation, the peak stats reset before
+each call, so other arms' resident weights are not counted). Per FP8 arm: ``sync_ms``, the median time of the
+backend's weight sync (``requantize_from_state(fp8_copy, effective_state(bf16_model))``), and two numerics checks
+on a probe batch: ``err_vs_bf16`` (relative Frobenius error of the logits against the bf16 model) and
+``err_vs_dequant`` (against the same FP8 copy with every layer forced onto the ``dequant`` path, i.e. fake
+quantization: it measures what the real FP8 kernels and their activation quantization add; 0 when the kernel is
+``dequant``). The GPU machine has no pydantic, which ``opd_plugins`` imports: carry its wheels (docs/fp8.md).
 
 Measurements stop being added once ``--time-budget-s`` is nearly spent (the skipped ones are listed), so the
 default run stays under 8 minutes on one H200::
@@ -28,7 +30,6 @@ default run stays under 8 minutes on one H200::
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import statistics
@@ -111,19 +112,28 @@ def set_kernel(model, request: str) -> None:
             m.kernel_request = request
 
 
-def generate_once(model, ids, new_tokens: int, sample: bool, device) -> float:
-    import torch
+class _Tokenizer:
+    """What the backend's generation reads of a tokenizer (the random models have none)."""
 
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=sample, pad_token_id=0)
-    if sample:
-        kwargs.update(temperature=1.0, top_k=0, top_p=1.0)
-    with torch.no_grad():
-        sync(device)
-        t = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-        sync(device)
-        elapsed = time.perf_counter() - t
-    assert out.shape == (ids.shape[0], ids.shape[1] + new_tokens), out.shape
+    pad_token_id, eos_token_id = 0, 1
+
+
+def generate_once(model, ids, new_tokens: int, device) -> float:
+    """One timed call of the ``fp8`` backend's generation (sampled, behaviour log-probs recorded)."""
+    from transformers import GenerationConfig
+
+    from opd_plugins.context import SetupContext
+    from opd_plugins.rollout._private_copy import generate_with_logprobs
+
+    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, top_k=0,
+                              top_p=1.0, pad_token_id=0, eos_token_id=1)
+    ctx = SetupContext(model=model, tokenizer=_Tokenizer(), device=device, eos_token_ids=[1])
+    sync(device)
+    t = time.perf_counter()
+    completions, logps = generate_with_logprobs(model, ctx, ids.tolist(), temperature=1.0, who="fp8", config=config)
+    sync(device)
+    elapsed = time.perf_counter() - t
+    assert all(len(c) == len(lp) == new_tokens for c, lp in zip(completions, logps)), "rows of unequal length"
     return elapsed
 
 
@@ -131,12 +141,13 @@ def prepare_arm(arm: str, source, probe, device) -> tuple[object, dict]:
     """The arm's model and its one-off numbers (kernel, sync time, numerics checks)."""
     import torch
 
-    from opd_plugins.rollout._fp8 import convert_to_fp8, requantize_from
+    from opd_plugins.rollout._fp8 import requantize_from_state
+    from opd_plugins.rollout._private_copy import effective_state
+    from opd_plugins.rollout.fp8 import FP8Rollout, build_fp8_copy
 
     if arm == "bf16":
         return source, {"kernel": "-", "sync_ms": None, "err_vs_bf16": 0.0, "err_vs_dequant": None}
-    fmt = arm.removeprefix("fp8_")
-    model = convert_to_fp8(copy.deepcopy(source), fmt)
+    model = build_fp8_copy(source, FP8Rollout.Params(format=arm.removeprefix("fp8_")))
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -158,7 +169,7 @@ def prepare_arm(arm: str, source, probe, device) -> tuple[object, dict]:
     for _ in range(3):
         sync(device)
         t = time.perf_counter()
-        requantize_from(model, source)
+        requantize_from_state(model, effective_state(source))
         sync(device)
         times.append(time.perf_counter() - t)
     info["sync_ms"] = 1e3 * statistics.median(times)
@@ -170,12 +181,12 @@ def measure(model, batch: int, args, device, vocab: int) -> dict:
 
     g = torch.Generator().manual_seed(args.seed + batch)
     ids = torch.randint(2, vocab, (batch, args.prompt_len), generator=g).to(device)
-    generate_once(model, ids, min(8, args.new_tokens), args.sample, device)  # warm-up
+    generate_once(model, ids, min(8, args.new_tokens), device)  # warm-up
     row = {"batch": batch, "weights_gib": own_gib(model), "peak_gib": None}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    times = [generate_once(model, ids, args.new_tokens, args.sample, device) for _ in range(args.repeats)]
+    times = [generate_once(model, ids, args.new_tokens, device) for _ in range(args.repeats)]
     if device.type == "cuda":
         row["peak_gib"] = row["weights_gib"] + (torch.cuda.max_memory_allocated(device) - base) / 2**30
     row["seconds"] = statistics.median(times)
@@ -210,7 +221,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=1, help="timed generate calls per cell (median)")
-    p.add_argument("--sample", action="store_true", help="sample (temperature 1) instead of greedy decoding")
     p.add_argument("--device", default="cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-budget-s", type=float, default=420.0)
@@ -239,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"prompt {args.prompt_len} + {args.new_tokens} new tokens, {'sampled' if args.sample else 'greedy'}")
+          f"prompt {args.prompt_len} + {args.new_tokens} new tokens, sampled through the fp8 backend's generation")
 
     t0 = time.monotonic()
     left = lambda: args.time_budget_s - (time.monotonic() - t0)  # noqa: E731
