@@ -318,7 +318,7 @@ class OpenAIServerTeacher(Teacher):
             if k:
                 ranked = sorted(((_token_id(t, where), _logprob(v.get("logprob") if isinstance(v, dict) else v, t,
                                                                  where, entry=v)) for t, v in entry.items()),
-                                key=lambda kv: -kv[1])[:k]
+                                key=_best_first)[:k]
                 if len(ranked) < k:
                     raise TeacherError(
                         f"teacher openai_server: asked for top_k={k} but the server returned {len(ranked)} entries at "
@@ -376,6 +376,12 @@ def _logprob(value: Any, token: Any, where: str, entry: Any = ...) -> float:
                            f"{type(value).__name__} ({value!r:.40}), not a number. Not training on it: check that "
                            "base_url is a vLLM-compatible scoring server")
     return float(value)
+
+
+def _best_first(entry: tuple[int, float]) -> float:
+    """Sort key of a top-k entry: highest log-prob first, and NaN before everything, so that a NaN the server
+    returned is kept (and refused by the checks) rather than sorted out of the top-k."""
+    return -math.inf if math.isnan(entry[1]) else -entry[1]
 
 
 def _token_id(key: Any, where: str) -> int:

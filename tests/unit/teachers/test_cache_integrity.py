@@ -166,7 +166,7 @@ def test_nan_in_cached_topk_never_reaches_a_checkpoint(cache, setup_dirs, tmp_pa
 
 
 def test_provenance_is_recorded_and_checked(tmp_path, setup_dirs):
-    from opd_plugins.precompute import precompute_teacher
+    from opd_plugins.commands.precompute_teacher import precompute_teacher
     from test_offline_cache import recipe_for
 
     root, student, teacher, rollouts = setup_dirs
@@ -201,7 +201,7 @@ def test_provenance_is_recorded_and_checked(tmp_path, setup_dirs):
 
 
 def test_precompute_refuses_to_cache_nan_scores(tmp_path, setup_dirs, monkeypatch):
-    from opd_plugins.precompute import precompute_teacher
+    from opd_plugins.commands.precompute_teacher import precompute_teacher
     from opd_plugins.teachers.hf_model import HFModelTeacher
     from test_offline_cache import recipe_for
 

@@ -155,6 +155,7 @@ def _set_all(key, value):
     (_set_all("logprob", "-0.5"), "the log-prob of token .* is str", "score"),
     (_set_all("logprob", None), "is NoneType", "score"),
     (lambda e: e.update({"17": [-0.5, 1]}), "the entry for token '17' is list", "score"),
+    (lambda e: e.update({"99": {"logprob": float("nan"), "rank": 2}}), "non-finite", "validate"),  # not sorted out
     (lambda e: e.update({"x17": {"logprob": -9.0, "rank": 3}}), "top-k key 'x17' is not a token id", "score"),
 ])
 def test_served_teacher_bad_values_are_refused_naming_the_teacher(fake, opd_tokenizer, edit, needle, where):
