@@ -109,3 +109,20 @@ def test_unified_with_a_live_self_context_teacher_scores_with_the_quantized_stud
     # teacher == student context and weights: the divergence is ~0 although every linear layer is FP8
     assert all(abs(d) < 1e-4 for d in history(tr, "opd/divergence"))
     assert all(k < 1e-9 for k in history(tr, "correction/mismatch_kl"))
+
+
+@pytest.mark.parametrize("flow", ["rollout_only", "unified"])
+def test_lora_with_gradient_checkpointing(tmp_path, opd_tokenizer, flow):
+    """TRL wraps the model in PEFT and turns on gradient checkpointing: rollout_only quantizes the merged weights at
+    every sync, unified the frozen base (its rollouts run in eval mode, with the KV cache)."""
+    from peft import LoraConfig
+
+    backend = FP8Rollout(FP8Rollout.Params(flow=flow, block=BLOCK))
+    tr = OPDTrainer(model=build_tiny_model(opd_tokenizer, seed=0),
+                    args=config(tmp_path, max_steps=2, gradient_checkpointing=True),
+                    components=Components.build(rollout=backend, correction="tis"), reward_funcs=[even_token_reward],
+                    train_dataset=prompt_dataset(), processing_class=opd_tokenizer,
+                    peft_config=LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    tr.train()
+    kl = history(tr, "correction/mismatch_kl")
+    assert len(kl) == 2 and (all(k > 1e-7 for k in kl) if flow == "rollout_only" else all(k < 1e-9 for k in kl))
