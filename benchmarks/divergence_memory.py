@@ -24,6 +24,22 @@ abs difference.
     OMP_NUM_THREADS=2 python benchmarks/divergence_memory.py [--batch 8 --seq 1024 --vocab 49152 --chunk 256
                                                               --kind jsd --beta 0.5 --hidden 576
                                                               --variants chunked,unchunked,trl,fused,naive_from_hidden]
+
+``--case step`` measures one whole ``OPDTrainer`` optimizer step instead (generation, teacher scoring, the
+divergence's per-token reward and the loss), on a tiny random model whose vocabulary is ``--vocab`` (default there:
+Qwen3's 151,936) with hidden size ``--hidden``: ``--ga`` micro-batches of ``--batch`` rows make a generation
+batch, completions are exactly ``--seq`` tokens, the teacher is the student with the hint in its context
+(``self_context``, initial weights), the divergence is ``--kind`` (full vocabulary) with ``objective:
+{policy_gradient: 1, divergence: 1, divergence_reward: 1}``. Variants: ``generation`` (``teacher_scoring:
+generation``: the whole generation batch's ``(B, T, V)`` teacher log-probs kept in the batch) and ``loss``
+(``teacher_scoring: loss``: scored per micro-batch). ``--src DIR`` runs the children on another checkout of
+opd_plugins (e.g. ``git worktree add /tmp/old <commit>``, which has no ``teacher_scoring`` and scores the whole
+generation batch). Peak = max RSS over the RSS after the trainer is built; values = the first step's loss and the
+parameters after one SGD step with learning rate 1 (so their difference is the gradients' difference), compared
+with the first variant's.
+
+    OMP_NUM_THREADS=2 python benchmarks/divergence_memory.py --case step [--batch 4 --ga 4 --seq 128 --hidden 64
+                                                                          --kind forward_kl --fused --src DIR]
 """
 
 from __future__ import annotations
@@ -102,6 +118,97 @@ def child(args: argparse.Namespace) -> None:
                       "over_inputs_mib": round(peak - base), "seconds": round(seconds, 2)}))
 
 
+def step_child(args: argparse.Namespace) -> None:
+    """One OPDTrainer optimizer step; prints its peak memory, writes the loss and the parameters after it."""
+    import dataclasses
+    import tempfile as tf
+
+    import torch
+    from datasets import Dataset
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from opd_plugins.testing import build_tokenizer
+    from opd_plugins.trainers import Components, OPDConfig, OPDTrainer
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=args.seq + 64, tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None))
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    n = args.batch * args.ga
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} + {i}?"}] for i in range(n)],
+                              "hint": [f"(Hint: {2 * i}.)" for i in range(n)]})
+    settings = dict(output_dir=tf.mkdtemp(), max_steps=1, per_device_train_batch_size=args.batch,
+                    gradient_accumulation_steps=args.ga, num_generations=args.batch, max_completion_length=args.seq,
+                    generation_kwargs={"min_new_tokens": args.seq}, optim="sgd", learning_rate=1.0, logging_steps=1,
+                    report_to="none", save_strategy="no", bf16=False, use_cpu=True, seed=0, disable_tqdm=True,
+                    temperature=1.0)
+    if any(f.name == "teacher_scoring" for f in dataclasses.fields(OPDConfig)):
+        settings["teacher_scoring"] = args.variant
+    elif args.variant != "generation":
+        raise SystemExit(f"this checkout has no teacher_scoring: only the 'generation' variant runs on it")
+    comps = Components.build(teacher=("self_context", {"weights": "initial"}),
+                             divergence=(args.kind, {"fused_lm_head": True} if args.fused else {}),
+                             pg_weight=1.0, div_weight=1.0, div_reward_weight=1.0)
+    tr = OPDTrainer(model=model, args=OPDConfig(**settings), components=comps, train_dataset=data,
+                    processing_class=tok, reward_funcs=[lambda completion_ids, **kw: [float(len(c)) for c in
+                                                                                      completion_ids]])
+    base = _rss_mib()
+    start = time.perf_counter()
+    tr.train()
+    seconds = time.perf_counter() - start
+    peak = peak_rss_mib()
+    loss = [h["loss"] for h in tr.state.log_history if "loss" in h][0]
+    torch.cat([p.detach().flatten() for p in model.parameters()]).numpy().tofile(
+        os.path.join(args.out, f"{args.variant}.params"))
+    print(json.dumps({"variant": args.variant, "peak_mib": round(peak), "base_mib": round(base),
+                      "over_base_mib": round(peak - base), "seconds": round(seconds, 1), "loss": loss}))
+
+
+def step_main(args: argparse.Namespace) -> None:
+    variants = args.variants.split(",") if args.variants != "chunked,unchunked,trl" else ["generation", "loss"]
+    runs = [(v, v, None) for v in variants]  # (label, variant, PYTHONPATH)
+    if args.src:  # the other checkout first: the reference the others are compared with
+        runs.insert(0, ("before", "generation", os.pathsep.join([args.src, os.environ.get("PYTHONPATH", "")])))
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="stepmem_") as out:
+        for label, variant, path in runs:
+            cmd = [sys.executable, __file__, "--case", "step", "--variant", variant, "--out", f"{out}/{label}",
+                   "--batch", str(args.batch), "--ga", str(args.ga), "--seq", str(args.seq), "--vocab",
+                   str(args.vocab), "--hidden", str(args.hidden), "--kind", args.kind, *(["--fused"] if args.fused else [])]
+            os.makedirs(f"{out}/{label}")
+            env = {**os.environ, "PYTHONPATH": path} if path else None
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise SystemExit(f"{label}: exit {proc.returncode}: {proc.stderr.strip()[-600:]}")
+            results[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[label]["params_file"] = f"{out}/{label}/{variant}.params"
+        first = runs[0][0]
+        for label, _, _ in runs:
+            r, f = results[label], results[first]
+            if label != first:
+                r["params_max_abs_diff"] = _max_abs_diff(r["params_file"], f["params_file"])
+                r["loss_abs_diff"] = abs(r["loss"] - f["loss"])
+                r[f"{first}_over_base_ratio"] = round(f["over_base_mib"] / max(r["over_base_mib"], 1), 2)
+        for r in results.values():
+            r.pop("params_file")
+    B, T, V = args.batch * args.ga, args.seq, args.vocab
+    print(json.dumps({"generation_batch": B, "micro_batch": args.batch, "seq": T, "vocab": V, "hidden": args.hidden,
+                      "kind": args.kind, "fused_lm_head": args.fused, "src": args.src, "teacher_tensor_mib": round(B * T * V * 4 / 2**20),
+                      "results": results}, indent=2))
+    print(f"\n| variant | generation batch × T × V | peak over base MiB | ratio {first} / variant | s | loss "
+          "| max |Δparams| |")
+    print("|---|---|---|---|---|---|---|")
+    for label, _, _ in runs:
+        r = results[label]
+        ratio = "1" if label == first else f"{r[f'{first}_over_base_ratio']}"
+        delta = "(reference)" if label == first else f"{r['params_max_abs_diff']:.1e}"
+        print(f"| {label} | {B}×{T}×{V} | {r['over_base_mib']} | {ratio} | {r['seconds']} | {r['loss']:.6f} "
+              f"| {delta} |")
+
+
 def _max_abs_diff(path_a: str, path_b: str, n: int = 1 << 24) -> float:
     import numpy as np
 
@@ -122,9 +229,19 @@ def main() -> None:
                                                             "(576 = SmolLM2-135M's)")
     p.add_argument("--variants", default="chunked,unchunked,trl",
                    help=f"comma-separated, of: {', '.join(LOGIT_VARIANTS + HIDDEN_VARIANTS)}")
+    p.add_argument("--case", default="divergence", choices=["divergence", "step"],
+                   help="the divergence alone (default) or one whole OPDTrainer step")
+    p.add_argument("--ga", type=int, default=4, help="--case step: micro-batches per generation batch")
+    p.add_argument("--src", help="--case step: run the 'generation' variant on this opd_plugins checkout")
+    p.add_argument("--fused", action="store_true", help="--case step: the divergence with fused_lm_head: true")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.case == "step":
+        for key, default in (("batch", 4), ("seq", 128), ("vocab", 151936), ("hidden", 64), ("kind", "forward_kl")):
+            if getattr(args, key) == p.get_default(key):
+                setattr(args, key, default)
+        return step_child(args) if args.variant else step_main(args)
     if args.variant:
         return child(args)
 

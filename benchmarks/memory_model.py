@@ -363,6 +363,11 @@ def teacher_weight_bytes(m: ModelConfig, dtype_bytes: float, engine: str, n_gpus
     return full / n_gpus if shard and engine in SHARDED else full
 
 
+LOSS_TIME_TEACHERS = ("hf_model", "self_context")
+"""Teachers that score any rows at any time (``Teacher.scores_any_rows``): with a full-vocabulary divergence they
+score each micro-batch in the loss (``teacher_scoring: auto``)."""
+
+
 def full_vocab_scores_bytes(gen_batch: int, completion_len: int, vocab: int) -> int:
     """Full-vocabulary teacher log-probs for a whole generation batch: B_gen·T·V·4 (fp32)."""
     return gen_batch * completion_len * vocab * 4
@@ -379,13 +384,12 @@ def sampled_scores_bytes(gen_batch: int, completion_len: int) -> int:
 
 
 def scoring_transient_bytes(m: ModelConfig, chunk: int, seq_len: int, completion_len: int) -> float:
-    """``score_with_causal_lm`` on ``chunk`` rows at a time (no grad), beyond the log-probs it keeps: 12·c·(T+1)·V
-    (the previous chunk's fp32 logits, still referenced, this chunk's bf16 logits, their fp32 copy and the
-    logits divided by the temperature; then exp(logps) and its product for the entropy; measured on CPU: peak RSS
-    = kept + 12.0·c·T·V) + the forward's KV cache c·S·L·2·kvd·2 (``use_cache`` is on by default) + one layer's
-    no-grad temporaries c·S·(6H + 6I)."""
+    """``score_with_causal_lm`` on ``chunk`` rows at a time (no grad), beyond the log-probs it keeps: 4·c·T·V
+    (the chunk's bf16 logits beside their fp32 copy, which becomes the log-probs in place, a row at a time;
+    measured on CPU: peak RSS = kept + 4.0·c·T·V) + the forward's KV cache c·S·L·2·kvd·2 (``use_cache`` is on by
+    default) + one layer's no-grad temporaries c·S·(6H + 6I)."""
     c = chunk
-    logits = 12 * c * (completion_len + 1) * m.vocab_size
+    logits = 4 * c * completion_len * m.vocab_size
     return logits + kv_cache_bytes(m, c, seq_len) + c * seq_len * (6 * m.hidden_size + 6 * m.intermediate_size)
 
 
@@ -396,10 +400,10 @@ def generation_step_bytes(main_scores: float, generate: float, scoring: float, c
 
     * generating: ``generate`` (KV cache + params gathered for generation);
     * scoring: the new log-probs so far + the chunk's transient (``scoring``, :func:`scoring_transient_bytes`);
-    * ``torch.cat`` of the chunks: 2·main + 4·c·(T+1)·V (the chunk list, its concatenation and the last chunk's
-      fp32 logits; measured on CPU); TRL's ``shuffle_sequence_dict`` then copies the batch once more (2·main).
+    * ``torch.cat`` of the chunks: 2·main (the chunk list and its concatenation; measured on CPU); TRL's
+      ``shuffle_sequence_dict`` then copies the batch once more (2·main).
     """
-    cat = 2 * main_scores + (4 * chunk * (completion_len + 1) * vocab if main_scores else 0)
+    cat = 2 * main_scores
     return max(generate, scoring, cat)
 
 
@@ -449,6 +453,13 @@ class RecipeSettings:
     fused_chunk: int
     max_length: int  # DPO
     prompt_len: int
+    teacher_scoring: str = "auto"  # trainer.args.teacher_scoring: auto / generation / loss
+
+    @property
+    def teacher_at_loss(self) -> bool:
+        """Full-vocabulary scores computed per micro-batch in the loss (OPDConfig.teacher_scoring)."""
+        return (self.want == "full" and self.teacher in LOSS_TIME_TEACHERS
+                and self.teacher_scoring in ("auto", "loss"))
 
     @property
     def preference(self) -> bool:
@@ -528,6 +539,7 @@ def read_recipe(path: str, prompt_len: int = 256, overrides: list[str] | None = 
         divergence=dname, want=want, top_k=int(tparams.get("top_k", 0)) or 1,
         fused_lm_head=bool(dparams.get("fused_lm_head", False)), fused_chunk=int(dparams.get("chunk_size", 256) or 256),
         max_length=int(args.get("max_length", 1024)), prompt_len=prompt_len,
+        teacher_scoring=str(args.get("teacher_scoring", "auto")),
     )
 
 
@@ -572,6 +584,7 @@ def estimate(s: RecipeSettings, engine: str, n_gpus: int, *, headroom: float = 0
     n_train, n_frozen = (n_adapter, psi) if lora else (psi, 0)
     notes: list[str] = []
     c: dict[str, float] = dict.fromkeys(COLUMNS, 0.0)
+    loss_scoring = 0.0  # teacher scores of one micro-batch, computed in the loss (teacher_scoring)
     c["weights"], c["lora"] = student_weight_bytes(engine, n_frozen, n_train, n_gpus, p, lora, mixed)
     c["grads"] = gradient_bytes(engine, n_train, n_gpus, p, lora, mixed)
     c["optim"] = optimizer_bytes(engine, n_train, n_gpus, p, lora, mixed)
@@ -607,6 +620,9 @@ def estimate(s: RecipeSettings, engine: str, n_gpus: int, *, headroom: float = 0
             c["logits"] = trl_fused_logits_bytes(m, batch * T, lm_head_trainable)
         main = {"full": full_vocab_scores_bytes(bgen, T, m.vocab_size),
                 "topk": topk_scores_bytes(bgen, T, s.top_k)}.get(s.want, 0)
+        if s.teacher_at_loss:  # scored per micro-batch in the loss: (micro-batch, T, V) while it trains
+            main = 0
+            notes.append("teacher scored per micro-batch in the loss")
         c["scores"] = main + sampled_scores_bytes(bgen, T)
         scorer = m
         if s.teacher == "hf_model" and s.teacher_model is not None:
@@ -624,6 +640,12 @@ def estimate(s: RecipeSettings, engine: str, n_gpus: int, *, headroom: float = 0
         generate = kv_cache_bytes(m, bgen, seq) + generation_gather_bytes(engine, m, n_gpus)
         scoring = main + scoring_transient_bytes(scorer, s.teacher_chunk, seq, T) if s.teacher else 0
         c["gen_extra"] = generation_step_bytes(main, generate, scoring, s.teacher_chunk, T, scorer.vocab_size)
+        if s.teacher_at_loss:  # the micro-batch's scores stay through the backward; scoring them precedes the
+            # student's forward, so its transient and the student's logits path do not overlap
+            kept = full_vocab_scores_bytes(batch, T, scorer.vocab_size)
+            transient = scoring_transient_bytes(scorer, min(s.teacher_chunk, batch), seq, T)
+            loss_scoring = kept + max(transient - c["logits"], 0)
+            c["scores"] += loss_scoring
     if activations == "korthikanti":
         per_token = korthikanti_layer_bytes_per_token(m, seq)
     else:
@@ -632,8 +654,9 @@ def estimate(s: RecipeSettings, engine: str, n_gpus: int, *, headroom: float = 0
     casts = 2 * n_adapter / m.num_hidden_layers if adapter_cast else 0
     c["acts"] = activation_bytes(m, batch, seq, gradient_checkpointing=s.gradient_checkpointing,
                                  per_token_layer=per_token, lora=lora, layer_cast_bytes=casts)
-    resident = sum(c[k] for k in ("weights", "lora", "optim", "ref", "teacher", "scores"))
-    train = resident + c["grads"] + c["gather"] + c["acts"] + c["logits"]
+    # loss_scoring is in "scores" but held only while a micro-batch trains
+    resident = sum(c[k] for k in ("weights", "lora", "optim", "ref", "teacher", "scores")) - loss_scoring
+    train = resident + loss_scoring + c["grads"] + c["gather"] + c["acts"] + c["logits"]
     if s.preference:  # the snapshot runs before the trainer: whole bf16 weights + its KV cache
         gen = psi * (2 if mixed else p) + c["gen_extra"]
     else:
@@ -704,7 +727,7 @@ def _calibration_child(kind: str) -> None:
       ``full_vocab_divergence`` with chunk 256, backward), in units of 4·B·T·V → :func:`full_logits_bytes`' 5;
     * ``score1`` / ``score4``: ``score_with_causal_lm(want="full")`` of a tiny Qwen3 on 1 / 4 chunks of 2 rows,
       minus the kept log-probs (1×, resp. 2× at the concatenation), in units of c·T·V bytes →
-      :func:`scoring_transient_bytes`' 12 and :func:`generation_step_bytes`' 4.
+      :func:`scoring_transient_bytes`' 4 and :func:`generation_step_bytes`' 0.
     """
     import torch
 
@@ -814,8 +837,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.calibrate:
         r = calibrate()
         print(f"student logits path: peak {r['logits']:.2f} x 4*B*T*V (model: 20*B*T*V bytes = 5.00 x)")
-        print(f"teacher scoring, 1 chunk: {r['score1']:.2f} x c*T*V beyond the kept log-probs (model: 12)")
-        print(f"teacher scoring, concatenation: {r['score4']:.2f} x c*T*V beyond 2 x the log-probs (model: 4)")
+        print(f"teacher scoring, 1 chunk: {r['score1']:.2f} x c*T*V beyond the kept log-probs (model: 4)")
+        print(f"teacher scoring, concatenation: {r['score4']:.2f} x c*T*V beyond 2 x the log-probs (model: 0)")
         return 0
     if a.verify and verify_configs():
         return 1

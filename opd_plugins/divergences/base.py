@@ -91,6 +91,12 @@ class Divergence(Component):
     def per_token(self, student: StudentOutputs, teacher: TeacherScores) -> DivergenceTerms:
         raise NotImplementedError
 
+    def reward_requires(self) -> Capability:
+        """What :meth:`reward` reads: ``sampled`` when the sampled tokens' log-probs of both sides suffice (so the
+        trainer computes the reward without ``(B, T, V)`` logits of the whole generation batch), else what
+        :meth:`requires` says (the default: :meth:`reward` below calls :meth:`per_token`)."""
+        return self.requires()
+
     def reward(self, student: StudentOutputs, teacher: TeacherScores) -> torch.Tensor:
         with torch.no_grad():
             return -self.per_token(student, teacher).value * student.mask

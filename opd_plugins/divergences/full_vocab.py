@@ -147,6 +147,9 @@ class FullVocabDivergence(Divergence):
         value = student_divergence(self.name, student, teacher, self.formula(), self.params.chunk_size) * mask
         return DivergenceTerms(loss=value, value=value.detach())
 
+    def reward_requires(self) -> str:
+        return "sampled"  # the sampled tokens' log-probs only
+
     def reward(self, student: StudentOutputs, teacher: TeacherScores) -> torch.Tensor:
         mask = student.mask * teacher.mask
         log_r = (teacher.token_logps - student.token_logps).detach().float()

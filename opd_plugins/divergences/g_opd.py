@@ -84,5 +84,8 @@ class GOPD(Divergence):
         value = -self.token_reward(student, teacher)
         return DivergenceTerms(loss=student.policy_ratio() * value * mask, value=value)
 
+    def reward_requires(self) -> str:
+        return "sampled"  # the sampled tokens' log-probs only
+
     def reward(self, student: StudentOutputs, teacher: TeacherScores) -> torch.Tensor:
         return self.token_reward(student, teacher)

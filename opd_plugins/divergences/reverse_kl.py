@@ -81,6 +81,9 @@ class ReverseKL(Divergence):
         log_ratio = ((student.token_logps - teacher.token_logps) * mask).detach()
         return DivergenceTerms(loss=student.policy_ratio() * log_ratio * mask, value=log_ratio)
 
+    def reward_requires(self) -> str:
+        return "sampled"  # the sampled tokens' log-probs only
+
     def reward(self, student: StudentOutputs, teacher: TeacherScores) -> torch.Tensor:
         """``−(log π_s(x_t) − log π_t(x_t))`` at the sampled token, whichever estimator the loss uses (the exact
         per-position KL does not depend on the sampled token and would give no policy gradient)."""

@@ -87,6 +87,9 @@ class TopKKL(Divergence):
         value = (_kl(t_lp, s_lp) if self.params.direction == "forward" else _kl(s_lp, t_lp)) * mask
         return DivergenceTerms(loss=value, value=value.detach())
 
+    def reward_requires(self) -> str:
+        return "sampled"  # the sampled tokens' log-probs only
+
     def reward(self, student: StudentOutputs, teacher: TeacherScores) -> torch.Tensor:
         mask = student.mask * teacher.mask
         log_r = (teacher.token_logps - student.token_logps).detach().float()

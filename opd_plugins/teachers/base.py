@@ -69,6 +69,11 @@ class TeacherScores:
             return "topk"
         return "sampled"
 
+    def rows(self, index: slice | torch.Tensor) -> "TeacherScores":
+        """These scores restricted to some rows (a slice or an index tensor)."""
+        return TeacherScores(**{name: None if getattr(self, name) is None else getattr(self, name)[index]
+                                for name in self.TENSOR_FIELDS})
+
     def to_batch(self, prefix: str = "teacher_") -> dict[str, torch.Tensor]:
         """Flatten into batch-dict entries (first dim B), so TRL shuffles and splits them with the batch."""
         return {prefix + k: getattr(self, k) for k in self.TENSOR_FIELDS if getattr(self, k) is not None}
@@ -120,11 +125,16 @@ class Teacher(Component):
 
     A provider declares ``capabilities`` (which of ``sampled``, ``topk``, ``full`` it can return). The trainer
     calls :meth:`setup` once with a :class:`~opd_plugins.context.SetupContext` (load models, connect to servers),
-    then :meth:`score` on every generation batch with ``want`` set to what the recipe's divergence needs.
+    then :meth:`score` on every generation batch with ``want`` set to what the recipe's divergence needs (or, with
+    ``scores_any_rows``, on each micro-batch at loss time for a full-vocabulary divergence).
     """
 
     kind: ClassVar[str] = "teacher"
     capabilities: ClassVar[frozenset[str]] = frozenset({"sampled"})
+    scores_any_rows: ClassVar[bool] = False
+    """True when :meth:`score` may be called on any subset of a generation batch's rows at any time (a local model):
+    the trainer may then score a full-vocabulary divergence's micro-batches at loss time instead of holding
+    ``(B, T, V)`` log-probs for the whole generation batch (``OPDConfig.teacher_scoring``)."""
 
     def setup(self, ctx: SetupContext) -> None:
         """Prepare for scoring (called once, on every rank, after the trainer is built)."""
@@ -160,11 +170,16 @@ def score_with_causal_lm(
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("token_logps", "entropy", "topk_ids", "topk_logps", "topk_mass", "logps")}
     for start in range(0, input_ids.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
-        logits = model(input_ids=input_ids[sl], attention_mask=attention_mask[sl], logits_to_keep=T + 1).logits
-        logits = logits[:, -(T + 1):-1].float() / temperature
-        logps = torch.log_softmax(logits, dim=-1)
+        # The last token is never an input of a prediction we need: dropping it makes the T kept positions exactly
+        # the model's output (contiguous, so nothing copies it), and one (chunk, T, V) tensor is all that is held.
+        logps = model(input_ids=input_ids[sl, :-1], attention_mask=attention_mask[sl, :-1], logits_to_keep=T).logits
+        logps = logps.float()
+        for row in logps:  # log-softmax in place, a row at a time: (T, V) temporaries only
+            if temperature != 1.0:
+                row.div_(temperature)
+            row.sub_(torch.logsumexp(row, dim=-1, keepdim=True))
         out["token_logps"].append(logps.gather(-1, completion_ids[sl].unsqueeze(-1)).squeeze(-1))
-        out["entropy"].append(-(logps.exp() * logps).sum(-1))
+        out["entropy"].append(torch.stack([-(row.exp() * row).sum(-1) for row in logps]))
         if want == "topk" or top_k > 0:
             k = top_k if top_k > 0 else 1
             vals, ids = logps.topk(k, dim=-1)

@@ -23,6 +23,7 @@ class HFModelTeacher(Teacher):
 
     name: ClassVar[str] = "hf_model"
     capabilities: ClassVar[frozenset[str]] = frozenset({"sampled", "topk", "full"})
+    scores_any_rows: ClassVar[bool] = True
 
     class Params(ComponentParams):
         model: str = Field(..., description="Local path, hub id, or 'smollm2-135m-instruct'.")

@@ -58,6 +58,7 @@ class SelfContextTeacher(Teacher):
 
     name: ClassVar[str] = "self_context"
     capabilities: ClassVar[frozenset[str]] = frozenset({"sampled", "topk", "full"})
+    scores_any_rows: ClassVar[bool] = True
 
     class Params(ComponentParams):
         template: str = Field("{prompt}\n\n{hint}", description="Teacher's version of the last user message.")

@@ -76,6 +76,7 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         if self.components.correction.mode != "none" and self.use_vllm and self.vllm_importance_sampling_correction:
             raise OPDError("correction is set but TRL's own vLLM importance-sampling correction is also on, which "
                            "would weight every token twice; set vllm_importance_sampling_correction=False")
+        self.teacher_at_loss = self._resolve_teacher_scoring()
         ctx = self.setup_context()
         self.components.rollout.setup(ctx)
         if self.components.teacher is not None:
@@ -84,6 +85,19 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
             reference.setup(ctx)
         self._synced_version = self.state.global_step
         self.pm.call("opd_trainer_init", trainer=self)
+
+    def _resolve_teacher_scoring(self) -> bool:
+        """Whether the teacher scores each micro-batch at loss time (``OPDConfig.teacher_scoring``)."""
+        c = self.components
+        mode = getattr(self.args, "teacher_scoring", "auto")
+        if c.teacher is None or c.divergence is None or c.divergence.requires() != "full" or mode == "generation":
+            return False
+        can = bool(getattr(c.teacher, "scores_any_rows", False))
+        if mode == "loss" and not can:
+            raise OPDError(f"teacher_scoring='loss' scores each micro-batch in the loss, but teacher "
+                           f"{c.teacher.name!r} does not score arbitrary rows at any time (Teacher.scores_any_rows); "
+                           "use teacher_scoring: generation (or auto)")
+        return can
 
     def text_only_parts(self) -> list[str]:
         """The parts of this run that score completions as text only (no images reach them): the teacher, the
@@ -241,6 +255,18 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         total = self.state.max_steps or 0
         return any(float(schedule.value(s, total)) != 0 for s in self.buffer_steps())
 
+    def _generation_want(self) -> str | None:
+        """What the teacher scores for the whole generation batch: what the divergence needs, or (teacher scored
+        per micro-batch at loss time) the sampled tokens' log-probs when a per-token reward or a token weighting
+        reads them now, or nothing."""
+        if not self._needs_teacher():
+            return None
+        c = self.components
+        if not self.teacher_at_loss:
+            return c.divergence.requires()
+        now = c.advantage.needs_token_reward or self.weight_during_buffer(c.div_reward_weight) or c.token_weighting
+        return "sampled" if now else None
+
     def _needs_teacher(self) -> bool:
         c = self.components
         return c.teacher is not None and c.divergence is not None and (
@@ -258,9 +284,17 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         if not images:  # the recomputed log-probs would miss the images: no correction statistics
             self.apply_correction(out, mask)
         scores = None
-        if self._needs_teacher():
-            scores = self.score_teacher(out, inputs)
+        want = self._generation_want()
+        if want is not None:
+            scores = self.score_teacher(out, inputs, want)
             out.update(scores.to_batch())
+        if self.teacher_at_loss and self._needs_teacher():  # the loss scores each micro-batch: find its rows
+            B = mask.shape[0]
+            self.step.generations += 1
+            self.step.deferred[self._mode()] = (self.step.generations, list(inputs),
+                                                list(self.step.student_prompts or [r.get("prompt") for r in inputs]))
+            out["opd_row_index"] = torch.arange(B, device=mask.device)
+            out["opd_generation_id"] = torch.full((B,), self.step.generations, device=mask.device)
         versions = self.step.policy_versions
         if versions is None or len(versions) != mask.shape[0]:
             versions = [self.state.global_step] * mask.shape[0]
@@ -284,8 +318,7 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
 
         def student_logps() -> torch.Tensor:
             if "logps" not in cache:
-                old = out.get("old_per_token_logps")
-                cache["logps"] = old if old is not None else self.student_outputs(self.model, out, grad=False).token_logps
+                cache["logps"] = self.student_token_logps(out)
             return cache["logps"]
 
         B = out["completion_ids"].shape[0]
@@ -333,12 +366,14 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         for key, value in combine_stats(gather_object([result.stats])).items():
             self._log(f"correction/{key}", value)
 
-    def teacher_batch(self, out: dict[str, Any], rows: list[dict[str, Any]]) -> TeacherBatch:
+    def teacher_batch(self, out: dict[str, Any], rows: list[dict[str, Any]],
+                      prompts: list[Any] | None = None) -> TeacherBatch:
         """What teachers score: this rank's completions with the prompts the student saw and the dataset rows."""
+        if prompts is None:
+            prompts = self.step.student_prompts or [r.get("prompt") for r in rows]
         return TeacherBatch(
             prompt_ids=out["prompt_ids"], prompt_mask=out["prompt_mask"], completion_ids=out["completion_ids"],
-            completion_mask=loss_mask(out).to(out["completion_mask"].dtype),
-            prompts=self.step.student_prompts or [r.get("prompt") for r in rows], rows=list(rows),
+            completion_mask=loss_mask(out).to(out["completion_mask"].dtype), prompts=list(prompts), rows=list(rows),
         )
 
     def reference_logps(self, reference: Any, batch: TeacherBatch, owner: str) -> TeacherScores:
@@ -348,10 +383,13 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
                      allow_nonfinite=getattr(reference.params, "allow_nonfinite", False))
         return ref
 
-    def score_teacher(self, out: dict[str, Any], rows: list[dict[str, Any]]) -> TeacherScores:
+    def score_teacher(self, out: dict[str, Any], rows: list[dict[str, Any]], want: str | None = None, *,
+                      prompts: list[Any] | None = None, hooks: bool = True) -> TeacherScores:
+        """The teacher's checked scores of ``out``'s completions (``want``: default what the divergence needs), with
+        the divergence's reference log-probs; logs ``teacher/*`` and calls ``opd_teacher_scored`` (``hooks``)."""
         c = self.components
-        batch = self.teacher_batch(out, rows)
-        want = c.divergence.requires()
+        batch = self.teacher_batch(out, rows, prompts)
+        want = want or c.divergence.requires()
         scores = c.teacher.score(batch, want)
         if not isinstance(scores, TeacherScores):
             raise TeacherError(f"teacher {c.teacher.name!r} returned {type(scores).__name__}, not TeacherScores")
@@ -365,11 +403,61 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
             ref = self.reference_logps(reference, batch, c.divergence.name)
             scores.ref_token_logps = ref.token_logps
             scores.mask = scores.mask * ref.mask
-        if scores.entropy is not None:
-            m = scores.mask
-            self._log("teacher/entropy", float((scores.entropy * m).sum() / m.sum().clamp(min=1)))
-        self.pm.call("opd_teacher_scored", trainer=self, batch=out, scores=scores)
+        if hooks:
+            if scores.entropy is not None:
+                m = scores.mask
+                self._log("teacher/entropy", float((scores.entropy * m).sum() / m.sum().clamp(min=1)))
+            self.pm.call("opd_teacher_scored", trainer=self, batch=out, scores=scores)
         return scores
+
+    def loss_time_teacher(self, inputs: dict[str, Any]) -> TeacherScores:
+        """The teacher's scores of one micro-batch, computed now (``teacher_scoring: loss``): its rows and prompts
+        are found through ``opd_row_index`` in the generation batch they came from."""
+        mode = self._mode()
+        index, generation = inputs.get("opd_row_index"), inputs.get("opd_generation_id")
+        stored = self.step.deferred.get(mode)
+        if index is None or generation is None or stored is None or not bool((generation == stored[0]).all()):
+            raise TeacherError("the teacher scores this micro-batch at loss time (teacher_scoring), but it does not "
+                               "come from the current generation batch: a custom _prepare_inputs must keep the "
+                               "batch's opd_row_index and opd_generation_id")
+        _, rows, prompts = stored
+        picked = [int(i) for i in index.tolist()]
+        with torch.no_grad():
+            return self.score_teacher(inputs, [rows[i] for i in picked], prompts=[prompts[i] for i in picked])
+
+    def student_token_logps(self, out: dict[str, Any]) -> torch.Tensor:
+        """``(B, T)`` the policy's log-probs of the sampled tokens of a generation batch, no gradient: TRL's
+        ``old_per_token_logps`` when it computed them, else one forward in micro-batches (never ``(B, T, V)``)."""
+        old = out.get("old_per_token_logps")
+        if old is not None:
+            return old
+        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+        am = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+        size = self.args.per_device_train_batch_size if self._mode() == "train" else self.args.per_device_eval_batch_size
+        with torch.no_grad():
+            return self._get_per_token_logps_and_entropies(self.model, ids, am, out["completion_ids"].shape[1],
+                                                           batch_size=size)[0]
+
+    def by_micro_batch(self, out: dict[str, Any], rows: list[dict[str, Any]], scores: TeacherScores | None,
+                       fn: Any) -> torch.Tensor:
+        """``fn(student, teacher)`` over a generation batch's rows, a micro-batch at a time, with the student's
+        full-vocabulary outputs and the teacher's scores of those rows (sliced from ``scores`` when they have what
+        the divergence needs, else scored now): nothing ``(B, T, V)`` for the whole batch. No gradient."""
+        c = self.components
+        B = out["completion_ids"].shape[0]
+        size = self.args.per_device_train_batch_size if self._mode() == "train" else self.args.per_device_eval_batch_size
+        prompts = self.step.student_prompts or [r.get("prompt") for r in rows]
+        have = scores is not None and CAPABILITY_ORDER[scores.capability] >= CAPABILITY_ORDER[c.divergence.requires()]
+        pieces = []
+        with torch.no_grad():
+            for lo in range(0, B, size):
+                sl = slice(lo, min(lo + size, B))
+                sub = {k: v[sl] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == B else v
+                       for k, v in out.items()}
+                teacher = scores.rows(sl) if have else self.score_teacher(sub, rows[sl], prompts=prompts[sl],
+                                                                         hooks=False)
+                pieces.append(fn(self.student_outputs(self.model, sub, grad=False), teacher))
+        return torch.cat(pieces)
 
     def compute_advantages(self, out: dict[str, Any], rows: list[dict[str, Any]], scores: TeacherScores | None,
                            mask: torch.Tensor) -> torch.Tensor:
@@ -394,17 +482,18 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         w_r = self.weight(c.div_reward_weight) if c.divergence is not None else 0.0
         need_token_reward = c.advantage.needs_token_reward or w_r != 0
         if need_token_reward and scores is not None and c.divergence is not None:
-            student = self.student_outputs(self.model, out, grad=False)
-            token_reward = c.divergence.reward(student, scores) * mask
+            if c.divergence.reward_requires() == "sampled":  # token log-probs only: no (B, T, V) student logits
+                student = StudentOutputs(token_logps=self.student_token_logps(out), mask=mask)
+                token_reward = c.divergence.reward(student, scores) * mask
+            else:
+                token_reward = self.by_micro_batch(out, rows, scores, c.divergence.reward) * mask
             self._log("opd/divergence_reward", float(token_reward.sum() / mask.sum().clamp(min=1)))
             if c.advantage.needs_token_value() or (w_r != 0 and c.div_reward_to_go):
-                with torch.no_grad():
-                    token_value = c.divergence.per_token(student, scores).value * mask
+                token_value = self.by_micro_batch(out, rows, scores,
+                                                  lambda s, t: c.divergence.per_token(s, t).value) * mask
         logps = None
         if c.advantage.needs_logps:
-            logps = out.get("old_per_token_logps")
-            if logps is None:
-                logps = self.student_outputs(self.model, out, grad=False).token_logps
+            logps = self.student_token_logps(out)
         ref_logps = None
         if c.advantage.reference() is not None:
             ref_logps = self.reference_logps(c.advantage.reference(), self.teacher_batch(out, rows),
@@ -551,7 +640,7 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
     def divergence_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
         """Token-weighted divergence between the student and the teacher scores carried by ``inputs``."""
         c = self.components
-        teacher = TeacherScores.from_batch(inputs)
+        teacher = self.loss_time_teacher(inputs) if self.teacher_at_loss else TeacherScores.from_batch(inputs)
         if teacher is None:
             raise TeacherError("the divergence term is on but this batch carries no teacher scores")
         student = self.student_outputs(model, inputs)

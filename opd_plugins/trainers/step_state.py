@@ -8,7 +8,7 @@ in one documented object instead of scattered private attributes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,6 +24,9 @@ class StepState:
     * ``rewards_per_func``: ``(N_global, n_funcs)`` task rewards of the whole generation batch;
     * ``global_rewards`` / ``local``: ``(N_global,)`` total rewards, and this rank's rows of them;
     * ``policy_versions``: the optimizer step each of this rank's completions was sampled at (from the rollout).
+    * ``deferred``: per mode (``train`` / ``eval``), ``(generation id, rows, student prompts)`` of the generation
+      batch whose micro-batches the teacher scores at loss time (``OPDConfig.teacher_scoring``); kept until that
+      mode's next generation batch, so an evaluation in between does not disturb training's.
 
     Per micro-batch of the loss:
 
@@ -39,6 +42,8 @@ class StepState:
     global_rewards: torch.Tensor | None = None
     local: slice | None = None
     policy_versions: list[int] | None = None
+    generations: int = 0
+    deferred: dict[str, tuple[int, list[Any], list[Any]]] = field(default_factory=dict)
     capture: bool = False
     captured_logps: torch.Tensor | None = None
     captured_entropy: torch.Tensor | None = None

@@ -24,9 +24,14 @@ def full_vocab_outputs(model: Any, ids: torch.Tensor, attention_mask: torch.Tens
                        mask: torch.Tensor, temperature: float) -> StudentOutputs:
     """Logits ``(B, T, V)`` of the completion positions divided by ``temperature``, and the token log-probs."""
     T = completion_ids.shape[1]
-    logits = model(input_ids=ids, attention_mask=attention_mask, logits_to_keep=T + 1).logits[:, -(T + 1):-1]
-    logits = logits.float() / temperature
-    logps = torch.log_softmax(logits, -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    # the last token is no input of a needed prediction: without it the T kept positions are the whole (contiguous)
+    # output, which nothing has to copy
+    logits = model(input_ids=ids[:, :-1], attention_mask=attention_mask[:, :-1], logits_to_keep=T).logits
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    # log π(x_t) = z_t − logsumexp(z): no (B, T, V) log-softmax tensor besides the logits themselves
+    logps = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
     return StudentOutputs(token_logps=logps, mask=mask, logits=logits)
 
 

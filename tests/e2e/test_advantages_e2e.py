@@ -78,9 +78,10 @@ def test_divergence_reward_to_go_reaches_the_advantages(tmp_path, opd_tokenizer,
 
     def spy(out, rows, scores, mask):
         advantages = original(out, rows, scores, mask)
-        student = tr.student_outputs(tr.model, out, grad=False)
-        d = comps.divergence.reward(student, scores) * mask
-        value = comps.divergence.per_token(student, scores).value * mask
+        student = tr.student_outputs(tr.model, out, grad=False)  # the whole batch at once, full scores
+        full = tr.score_teacher(out, rows, comps.divergence.requires(), hooks=False)
+        d = comps.divergence.reward(student, full) * mask
+        value = comps.divergence.per_token(student, full).value * mask
         seen.append((advantages, reward_to_go(d, mask, value), d))
         return advantages
 
