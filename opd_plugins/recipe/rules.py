@@ -333,6 +333,20 @@ def pg_terms_rule(ctx: RecipeContext) -> list[Problem]:
     return problems
 
 
+def sampler_rule(ctx: RecipeContext) -> list[Problem]:
+    """A ``swap`` sampler needs the hinted generation's behaviour log-probs: from the rollout backend, or from the
+    trainer's own forward when the backend samples the policy itself."""
+    sampler, rollout = ctx.built.get("sampler"), ctx.built.get("rollout")
+    if sampler is None or rollout is None or "swap" not in getattr(sampler, "roles", ()):
+        return []
+    if getattr(rollout, "samples_policy", False) or getattr(rollout, "reports_behaviour_logps", False):
+        return []
+    return [Problem("sampler.name", f"sampler {sampler.name!r} swaps prompts (trains on the original prompt what was "
+                    f"generated with a hint), which needs the hinted generation's behaviour log-probs, but rollout "
+                    f"{rollout.name!r} reports none and does not sample the training policy itself; use a rollout "
+                    "that reports them (hf_generate, perturbed_hf, vllm, fp8)")]
+
+
 def reward_to_go_rule(ctx: RecipeContext) -> list[Problem]:
     """``objective.divergence_reward_to_go`` transforms the divergence reward: with that reward's weight 0 at every
     step (or no divergence) it would do nothing."""
@@ -351,7 +365,7 @@ def reward_to_go_rule(ctx: RecipeContext) -> list[Problem]:
 
 
 ON_POLICY_RULES = (teacher_needed_rule, capability_rule, reward_rule, batch_rule, rollout_args_rule, pg_terms_rule,
-                   reward_to_go_rule)
+                   reward_to_go_rule, sampler_rule)
 
 
 __all__ = ["GENERIC_RULES", "ON_POLICY_RULES", "RecipeContext", "device_problems"]

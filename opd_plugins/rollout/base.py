@@ -21,6 +21,12 @@ class RolloutBackend(Component):
 
     kind: ClassVar[str] = "rollout"
     precision: ClassVar[str] = "model"
+    samples_policy: ClassVar[bool] = False
+    """True when the backend samples the training policy itself (the same weights and numerics), so the trainer may
+    recompute behaviour log-probs with its own forward when the backend reports none (a ``swap`` sampler needs
+    them)."""
+    reports_behaviour_logps: ClassVar[bool] = False
+    """True when :meth:`generate` always returns behaviour log-probs."""
 
     def setup(self, ctx: SetupContext) -> None:
         """Prepare the engine (called once, on every rank)."""

@@ -47,6 +47,7 @@ class FP8Rollout(RolloutBackend):
     """
 
     name: ClassVar[str] = "fp8"
+    reports_behaviour_logps: ClassVar[bool] = True
     precision: ClassVar[str] = "fp8_e4m3"
 
     class Params(ComponentParams):

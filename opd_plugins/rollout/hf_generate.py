@@ -19,6 +19,7 @@ class HFGenerate(RolloutBackend):
     """
 
     name: ClassVar[str] = "hf_generate"
+    samples_policy: ClassVar[bool] = True
 
     def __init__(self, params=None) -> None:
         super().__init__(params)

@@ -41,6 +41,7 @@ class PerturbedHFGenerate(RolloutBackend):
     """
 
     name: ClassVar[str] = "perturbed_hf"
+    reports_behaviour_logps: ClassVar[bool] = True
     precision: ClassVar[str] = "model+noise"
 
     class Params(ComponentParams):

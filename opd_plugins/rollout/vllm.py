@@ -52,6 +52,7 @@ class VLLMRollout(RolloutBackend):
     """
 
     name: ClassVar[str] = "vllm"
+    reports_behaviour_logps: ClassVar[bool] = True
     precision: ClassVar[str] = "vllm"
 
     class Params(ComponentParams):

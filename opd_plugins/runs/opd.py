@@ -105,6 +105,7 @@ def train(recipe: Recipe, pm: Any, *, resume: bool | rundir.Resume = False, over
     built = recipe.take_components() or {}
     components = Components.from_recipe(recipe, pm, built=built or None)
     train_ds, eval_ds, task = rundir.build_data(recipe, rundir.teacher_columns(components.teacher), built.get("task"))
+    rundir.check_sampler_columns(components.sampler, train_ds)
     config = build_config(recipe, components.rollout)
 
     rundir.write_run_files(out, recipe, pm, argv, resumed_from=checkpoint)

@@ -466,13 +466,27 @@ def plot_curves(run_dir: Path, summary: dict[str, Any]) -> Path | None:
     return out
 
 
+def check_sampler_columns(sampler: Any, dataset: Any) -> None:
+    """:class:`DataError` naming the sampler and the recipe key when the training data lacks a column it reads
+    (a reference solution, say), before any model loads."""
+    from opd_plugins.errors import DataError
+
+    needed = tuple(sampler.required_columns()) if sampler is not None else ()
+    have = set(getattr(dataset, "column_names", None) or [])
+    missing = [c for c in needed if c not in have]
+    if missing:
+        raise DataError(f"sampler {sampler.name!r} reads column(s) {', '.join(missing)} (sampler.params), which the "
+                        f"training data lacks; it has: {', '.join(sorted(have))}. Map a dataset column to it with "
+                        f"data.dataset.columns (e.g. {{{missing[0]}: <column>}}), or set the sampler's column param")
+
+
 def teacher_columns(teacher: Any) -> tuple[str, ...]:
     """Dataset columns the recipe's teacher reads (checked when the data is built)."""
     return tuple(teacher.required_columns()) if teacher is not None else ()
 
 
 __all__ = ["METRICS_SUPERSEDED", "RESUME_SAFE_KEYS", "RUN_MARKERS", "Resume", "RunStart", "build_data",
-           "cached_before_eval", "callbacks", "check_output_path", "checkpoint_step", "cpu_defaults",
+           "cached_before_eval", "callbacks", "check_output_path", "check_sampler_columns", "checkpoint_step", "cpu_defaults",
            "finished_summary", "is_run_dir", "last_complete_checkpoint", "lora_config", "plot_curves",
            "prepare_output_dir", "print_summary", "read_metrics", "recipe_changes", "rewind_metrics", "start_run",
            "teacher_columns", "train_and_report", "use_rich_progress", "write_run_files"]

@@ -8,9 +8,9 @@ from opd_plugins.samplers.base import Sampler, SamplerOutput
 
 
 class NoSampler(Sampler):
-    """The identity sampler: prompts go to the rollout unchanged and nothing is injected."""
+    """The identity sampler: every rollout is the task itself."""
 
     name: ClassVar[str] = "none"
 
     def prepare(self, prompts: list[Any], rows: list[dict[str, Any]], step: int) -> SamplerOutput:
-        return SamplerOutput(prompts=list(prompts), injected=[None] * len(prompts))
+        return SamplerOutput.unguided(len(prompts))

@@ -61,6 +61,41 @@ def _enumerate_split(op: str, digits: int, count: int, split: str) -> tuple[tupl
     )
 
 
+
+def worked_solution(op: str, operands: tuple[int, ...]) -> str:
+    """A short step-by-step solution ending in "The answer is N.": tens then ones for ``add`` / ``sub`` with two
+    operands (a running total with more), partial products for ``mul``, a comparison for ``max``."""
+    steps: list[str] = []
+    if op in ("add", "sub") and len(operands) == 2:
+        a, b = operands
+        sign = "+" if op == "add" else "-"
+        tens, ones = (abs(b) // 10) * 10, abs(b) % 10
+        mid = a + tens if op == "add" else a - tens
+        steps = [f"{a} {sign} {tens} = {mid}.", f"{mid} {sign} {ones} = {mid + ones if op == 'add' else mid - ones}."]
+        answer = a + b if op == "add" else a - b
+    elif op == "add":
+        total = operands[0]
+        for x in operands[1:]:
+            steps.append(f"{total} + {x} = {total + x}.")
+            total += x
+        answer = total
+    elif op == "mul":
+        total = operands[0]
+        for x in operands[1:]:
+            tens, ones = (x // 10) * 10, x % 10
+            if tens and ones:
+                steps.append(f"{total} times {tens} = {total * tens}. {total} times {ones} = {total * ones}. "
+                             f"{total * tens} + {total * ones} = {total * x}.")
+            else:
+                steps.append(f"{total} times {x} = {total * x}.")
+            total *= x
+        answer = total
+    else:
+        a, b = operands[0], operands[1]
+        answer = max(a, b)
+        steps = [f"{answer} is larger than {min(a, b)}."]
+    return " ".join([*steps, f"The answer is {answer}."])
+
 class ArithmeticParams(TaskParams):
     op: ArithmeticOp = Field("add", description="add, sub (a - b), mul, or max (which of two numbers is larger).")
     digits: int = Field(2, ge=1, le=6, description="Digits per operand (1-digit mul uses 2..9, others 1..9).")
@@ -185,7 +220,8 @@ class ArithmeticTask(Task):
         rows = []
         for operands in self._sample(split, size, seed):
             question, answer = self._question(operands)
-            rows.append(self._row(question, str(answer), {"op": self.params.op, "operands": list(operands)}))
+            rows.append(self._row(question, str(answer), {"op": self.params.op, "operands": list(operands)},
+                                  solution=worked_solution(self.params.op, operands)))
         return rows_to_dataset(rows)
 
     def score(self, completion: str, answer: str, metadata: str | Mapping[str, Any] | None = None) -> float:

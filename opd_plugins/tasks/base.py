@@ -70,18 +70,20 @@ class Task(Component):
         if not isinstance(size, int) or size < 0:
             raise DataError(f"{self.name} task: size must be a non-negative integer, got {size!r}")
 
-    def _row(self, question: str, answer: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    def _row(self, question: str, answer: str, metadata: Mapping[str, Any], solution: str = "") -> dict[str, Any]:
         return {
             "prompt": [{"role": "user", "content": question}],
             "answer": answer,
             "hint": make_hint(answer),
             "task": self.name,
             "metadata": encode_metadata(metadata),
+            "solution": solution,
         }
 
 
 def rows_to_dataset(rows: list[dict[str, Any]]) -> datasets.Dataset:
-    """A dataset with the standard task columns (the schema holds even when ``rows`` is empty)."""
+    """A dataset with the standard task columns (the schema holds even when ``rows`` is empty). ``solution`` is a
+    worked reference solution where the task can write one ("" otherwise): what hint/prefix samplers reveal."""
     import datasets
 
     text = datasets.Value("string")
@@ -92,6 +94,7 @@ def rows_to_dataset(rows: list[dict[str, Any]]) -> datasets.Dataset:
             "hint": text,
             "task": text,
             "metadata": text,
+            "solution": text,
         }
     )
     columns = {name: [row[name] for row in rows] for name in features}

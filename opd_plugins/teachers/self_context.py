@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 import string
 from typing import Any, ClassVar, Literal
 
@@ -14,6 +13,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from opd_plugins.components import ComponentParams, ComponentSpec, as_schedule_spec
 from opd_plugins.context import SetupContext
 from opd_plugins.errors import DataError, OPDError
+from opd_plugins.reveal import reveal_prefix
 from opd_plugins.teachers._shadow_weights import ShadowWeights, is_peft
 from opd_plugins.teachers.base import (
     Capability,
@@ -28,17 +28,6 @@ DEFAULT_EMA_DECAY = 0.99
 
 def _template_fields(template: str) -> list[str]:
     return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-
-
-def reveal_prefix(text: str, ratio: float) -> str:
-    """The first ``⌊ratio · n⌋`` of the ``n`` whitespace-separated words of ``text``, cut right after the last
-    kept word (the original spacing inside the prefix is kept): ratio 0 gives ``""``, ratio 1 the whole text."""
-    ratio = min(max(ratio, 0.0), 1.0)
-    if ratio >= 1.0:
-        return text
-    words = list(re.finditer(r"\S+", text))
-    keep = min(math.floor(ratio * len(words) + 1e-9), len(words))
-    return text[: words[keep - 1].end()] if keep > 0 else ""
 
 
 class SelfContextTeacher(Teacher):

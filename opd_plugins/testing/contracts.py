@@ -447,15 +447,53 @@ class TeacherContract(ComponentContract):
 
 
 class SamplerContract(ComponentContract):
-    """Same length, and deterministic for a fixed step and state."""
+    """One consistent guidance per rollout, only of the declared roles; deterministic for a fixed step and state;
+    learns from feedback (including all-fail groups) without error; state survives a round trip."""
+
+    @pytest.fixture(autouse=True)
+    def _context(self, opd_tokenizer):
+        from opd_plugins.testing.models import build_tiny_model
+
+        self._ctx = fake_context(build_tiny_model(opd_tokenizer, seed=0), opd_tokenizer)
+
+    def make(self, **overrides: Any) -> Component:
+        sampler = super().make(**overrides)
+        sampler.setup(self._ctx)  # a sampler that generates (self_hint) gets the tiny model
+        return sampler
+
+    @staticmethod
+    def batch():
+        prompts = [[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(2) for _ in range(2)]
+        rows = [{"prompt": p, "answer": str(i // 2 + 1), "hint": f"(Hint: {i // 2 + 1})",
+                 "solution": f"{i // 2} + 1 = {i // 2 + 1}. The answer is {i // 2 + 1}."}
+                for i, p in enumerate(prompts)]
+        return prompts, rows
 
     def test_deterministic_and_length_preserving(self):
-        prompts = [[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(4)]
-        rows = [{"prompt": p, "answer": str(i + 1), "hint": f"(Hint: {i + 1})"} for i, p in enumerate(prompts)]
+        from opd_plugins.samplers.base import SamplerOutput
+
+        prompts, rows = self.batch()
         a = self.make().prepare(prompts, rows, step=3)
         b = self.make().prepare(prompts, rows, step=3)
-        assert len(a.prompts) == len(prompts) == len(a.injected)
-        assert a.prompts == b.prompts and a.injected == b.injected
+        assert isinstance(a, SamplerOutput) and len(a.guidance) == len(prompts)
+        assert a.guidance == b.guidance
+        for g in a.guidance:
+            assert not g.problems() and g.role in self.component.roles | {"none"}
+
+    def test_observes_feedback_and_round_trips_its_state(self):
+        from opd_plugins.samplers.base import SamplerFeedback
+
+        prompts, rows = self.batch()
+        sampler = self.make()
+        for step, value in enumerate([0.0, 0.0, 1.0]):  # all-fail twice, then all-pass
+            out = sampler.prepare(prompts, rows, step=step)
+            rewards = torch.full((len(rows),), value)
+            sampler.observe(SamplerFeedback(rows=rows, rewards=rewards, guidance=out.guidance,
+                                            completions=["1"] * len(rows), num_generations=2, step=step))
+            sampler.on_degenerate_groups(rows[::2], rewards.view(-1, 2), step)
+        restored = self.make()
+        restored.load_state_dict(sampler.state_dict())
+        assert restored.prepare(prompts, rows, step=5).guidance == sampler.prepare(prompts, rows, step=5).guidance
 
 
 class RolloutContract(ComponentContract):
@@ -530,7 +568,7 @@ class TaskContract(ComponentContract):
     reference answers 1.0 (a task that only scores a dataset's rows, ``builds_prompts = False``, is checked on
     the reward alone)."""
 
-    COLUMNS: ClassVar[tuple[str, ...]] = ("prompt", "answer", "hint", "task", "metadata")
+    COLUMNS: ClassVar[tuple[str, ...]] = ("prompt", "answer", "hint", "task", "metadata", "solution")
 
     def test_builds_standard_columns_deterministically(self):
         from opd_plugins.errors import DataError

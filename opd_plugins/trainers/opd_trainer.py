@@ -29,8 +29,10 @@ from opd_plugins.context import Rollouts, Sampling, SetupContext
 from opd_plugins.correction import combine_stats, divergence_weights, importance_weights, weight_advantages
 from opd_plugins.divergences.base import StudentOutputs
 from opd_plugins.errors import ModelLoadError, OPDError, TeacherError
+from opd_plugins.samplers.base import ROLES, Guidance, SamplerFeedback
 from opd_plugins.teachers.base import CAPABILITY_ORDER, TeacherBatch, TeacherScores
 from opd_plugins.token_weighting.base import GenerationBatch
+from opd_plugins.trainers import guided as guide
 from opd_plugins.trainers.checkpointing import HookedTrainerMixin
 from opd_plugins.trainers.components import Components
 from opd_plugins.trainers.guards import check_finite_terms
@@ -79,6 +81,7 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         self.teacher_at_loss = self._resolve_teacher_scoring()
         ctx = self.setup_context()
         self.components.rollout.setup(ctx)
+        self.components.sampler.setup(ctx)
         if self.components.teacher is not None:
             self.components.teacher.setup(ctx)
         for reference in self._references():
@@ -192,13 +195,14 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
     def _generate(self, prompts: list):
         rows = self.step.rows if self.step.rows is not None and len(self.step.rows) == len(prompts) \
             else [{} for _ in prompts]
-        prepared = self.components.sampler.prepare(list(prompts), rows, self.state.global_step)
-        if len(prepared.prompts) != len(prompts):
-            raise OPDError(
-                f"sampler {self.components.sampler.name!r} returned {len(prepared.prompts)} prompts for {len(prompts)}"
-            )
-        prompts = prepared.prompts
-        self.step.sampler_output = prepared
+        guided = None
+        if self._mode() == "train":  # held-out prompts are never guided
+            sampler = self.components.sampler
+            output = sampler.prepare(list(prompts), rows, self.state.global_step)
+            guided = guide.plan(sampler, output, list(prompts), self._tokenizer, self.max_completion_length)
+            prompts = guided.prompts
+            self.step.sampler_output = output
+        self.step.guided, self.step.guided_consumed, self.step.swap_behaviour = guided, False, {}
         n = len(prompts)
         self.pm.call("opd_modify_prompts", trainer=self, prompts=prompts, rows=rows)
         if len(prompts) != n:
@@ -206,6 +210,8 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         self.pm.call("opd_prompts_prepared", trainer=self, prompts=prompts, rows=rows)
         self.step.student_prompts = list(prompts)
         result = super()._generate(prompts)
+        if guided is not None and guided.any_guided:
+            result = self._apply_guidance(guided, result)
         prompt_ids, completion_ids, _tool_mask, completions, logprobs = result[:5]
         versions = self.step.policy_versions or [self.state.global_step] * len(completion_ids)
         self.pm.call("opd_rollout_end", trainer=self, rollout={
@@ -214,14 +220,33 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         })
         return result
 
+    def _apply_guidance(self, guided: guide.GuidedBatch, result: tuple) -> tuple:
+        """TRL's ``_generate`` result with the guidance applied: ``swap`` rows get their original prompt back (the
+        one they are trained on, and the teacher scores them with), forced prefix tokens leave TRL's ``tool_mask``."""
+        prompt_ids, completion_ids, tool_mask, *rest = result
+        swap = guided.rows_with("swap")
+        if swap:
+            originals = self._tokenize_prompts([guided.originals[i] for i in swap])[0]
+            for i, ids in zip(swap, originals, strict=True):
+                prompt_ids[i] = ids
+                self.step.student_prompts[i] = guided.originals[i]
+        tool_mask = guide.prefix_tool_mask(completion_ids, tool_mask, guided)
+        return (prompt_ids, completion_ids, tool_mask, *rest)
+
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         rollout, step = self.components.rollout, self.state.global_step
         if self._synced_version != step:  # the policy changed since the last rollout
             rollout.sync_weights(self.accelerator.unwrap_model(self.model), step)
             self._synced_version = step
-        out = rollout.generate(list(prompt_ids), Sampling(num_generations=num_generations, step=step, images=images,
-                                                          multimodal_fields=multimodal_fields,
-                                                          has_tool_images=has_tool_images))
+        guided = self.step.guided if self._mode() == "train" and not self.step.guided_consumed else None
+        self.step.guided_consumed = True  # later calls in this batch (TRL's tool-call turns) are not guided
+        if guided is not None and len(guided.roles) != len(prompt_ids):
+            raise OPDError(f"sampler {self.components.sampler.name!r}: {len(guided.roles)} guided rollouts, but "
+                           f"{len(prompt_ids)} prompts reached the rollout")
+        gen_ids = guide.with_prefixes(list(prompt_ids), guided)
+        out = rollout.generate(gen_ids, Sampling(num_generations=num_generations, step=step, images=images,
+                                                 multimodal_fields=multimodal_fields,
+                                                 has_tool_images=has_tool_images))
         if not isinstance(out, Rollouts):
             raise OPDError(f"rollout {rollout.name!r} returned {type(out).__name__}, not opd_plugins.context.Rollouts")
         if len(out.completion_ids) != len(prompt_ids) or (
@@ -229,7 +254,34 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
             raise OPDError(f"rollout {rollout.name!r} returned {len(out.completion_ids)} completions for "
                            f"{len(prompt_ids)} prompts")
         self.step.policy_versions = out.versions()
-        return out.completion_ids, out.behaviour_logps
+        completion_ids, logps = out.completion_ids, out.behaviour_logps
+        if guided is not None and guided.rows_with("swap"):  # π_old(y | x, h): the hinted generation's log-probs
+            swap = guided.rows_with("swap")
+            if logps is not None:
+                behaviour = [list(logps[i]) for i in swap]
+            elif getattr(rollout, "samples_policy", False):  # the policy sampled them: one no-grad forward
+                behaviour = self._policy_logps([gen_ids[i] for i in swap], [completion_ids[i] for i in swap])
+            else:
+                raise OPDError(f"sampler {self.components.sampler.name!r} swaps prompts, which needs the behaviour "
+                               f"log-probs of the hinted generation, but rollout {rollout.name!r} reports none and "
+                               "does not sample the training policy itself")
+            self.step.swap_behaviour = dict(zip(swap, behaviour, strict=True))
+        return guide.prepend_prefixes(completion_ids, logps, guided, self.max_completion_length)
+
+    def _policy_logps(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
+        """The current policy's log-probs of ``completion_ids`` after ``prompt_ids`` (no gradient), per row."""
+        pad = self._tokenizer.pad_token_id
+        P, T = max(len(p) for p in prompt_ids), max(max(len(c) for c in completion_ids), 1)
+        device = self.accelerator.device
+        ids = torch.full((len(prompt_ids), P + T), pad, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+            ids[i, P - len(p):P], mask[i, P - len(p):P] = torch.tensor(p, device=device), 1
+            ids[i, P:P + len(c)], mask[i, P:P + len(c)] = torch.tensor(c, dtype=torch.long, device=device), 1
+        with torch.no_grad():
+            logps = self._get_per_token_logps_and_entropies(self.model, ids, mask, T,
+                                                            batch_size=self.args.per_device_train_batch_size)[0]
+        return [logps[i, :len(c)].tolist() for i, c in enumerate(completion_ids)]
 
     # ------------------------------------------------------------------------------------------------------
     # Rewards, teacher, advantages
@@ -254,6 +306,36 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         must score it now, even if the weight is 0 at this very step: a warm-up starting at 0, say)."""
         total = self.state.max_steps or 0
         return any(float(schedule.value(s, total)) != 0 for s in self.buffer_steps())
+
+    def record_guidance(self, out: dict[str, Any]) -> None:
+        """Put the sampler's guidance in the generation batch: ``sampler_role`` ``(B,)`` (codes of
+        :data:`~opd_plugins.samplers.base.ROLES`), ``swap_behaviour_logps`` ``(B, T)`` (log π_old(y | x, h) of the
+        swap rows) and ``prefix_supervised_mask`` ``(B, T)`` (supervised prefix tokens, which then count in the
+        token normaliser); log each role's share of the rollouts."""
+        guided = self.step.guided
+        if guided is None:
+            return
+        B, T = out["completion_ids"].shape
+        device = out["completion_ids"].device
+        counts = self.accelerator.reduce(torch.tensor([float(guided.roles.count(r)) for r in ROLES], device=device),
+                                         reduction="sum")
+        for role, count in zip(ROLES, counts.tolist(), strict=True):
+            self._log(f"sampler/role/{role}", count / max(float(counts.sum()), 1.0))
+        if not guided.any_guided:
+            return
+        out["sampler_role"] = guided.role_codes(device)
+        if self.step.swap_behaviour:
+            behaviour = torch.zeros(B, T, device=device)
+            for i, values in self.step.swap_behaviour.items():
+                n = min(len(values), T)
+                behaviour[i, :n] = torch.tensor(values[:n], device=device)
+            out["swap_behaviour_logps"] = torch.nan_to_num(behaviour, nan=0.0)
+        if any(guided.supervised):
+            supervised = guide.supervised_prefix_mask(guided, (B, T), device) * out["completion_mask"]
+            out["prefix_supervised_mask"] = supervised
+            out["num_items_in_batch"] = self.accelerator.gather((loss_mask(out) + supervised).sum()).sum()
+        prefix = torch.tensor([float(len(x)) for x in guided.prefix_ids], device=device)
+        self._log("sampler/prefix_tokens_mean", float(prefix.mean()))
 
     def _generation_want(self) -> str | None:
         """What the teacher scores for the whole generation batch: what the divergence needs, or (teacher scored
@@ -280,6 +362,7 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         out = super()._generate_and_score_completions(inputs)
         images = sorted(MULTIMODAL_KEYS & set(out))
         _refuse_multimodal(self.text_only_parts(), images, "this generation batch")
+        self.record_guidance(out)
         mask = loss_mask(out)
         if not images:  # the recomputed log-probs would miss the images: no correction statistics
             self.apply_correction(out, mask)
@@ -352,7 +435,12 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
                 train, _, _ = self._get_per_token_logps_and_entropies(
                     self.model, ids, attention, out["completion_ids"].shape[1], batch_size=batch_size)
         spec = self.components.correction
+        swap = _swap_rows(out)
+        if swap is not None:  # the sampler's shaping weights these rows, not the correction (docs/samplers.md)
+            mask = mask * (~swap).unsqueeze(1).to(mask.dtype)
         result = importance_weights(train, behaviour, mask, spec)
+        if swap is not None:
+            result.weights = torch.where(swap.unsqueeze(1), loss_mask(out).to(result.weights.dtype), result.weights)
         if spec.mode != "none":
             out["correction_weights"] = result.weights
             divergence = self.components.divergence
@@ -517,10 +605,17 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         if self._has_rewards:
             degenerate = degenerate_groups(rewards, num_gen)
             self._log("opd/degenerate_group_frac", len(degenerate) / max(rewards.numel() // num_gen, 1))
+            feedback = self.sampler_feedback(out, rows, rewards, num_gen) if mode == "train" else None
+            if feedback is not None:
+                c.sampler.observe(feedback)
+                for key, value in (getattr(c.sampler, "last_stats", None) or {}).items():
+                    self._log(f"sampler/{c.sampler.name}/{key}", float(value))
             if degenerate:
                 self.pm.call("opd_degenerate_groups", trainer=self, groups=degenerate, rewards=rewards)
-                local_rows = [g * num_gen - local.start for g in degenerate if 0 <= g * num_gen - local.start < B]
-                c.sampler.on_degenerate_groups([rows[i] for i in local_rows], self.state.global_step)
+                if feedback is not None:
+                    grouped = rewards.view(-1, num_gen)
+                    c.sampler.on_degenerate_groups([feedback.rows[g * num_gen] for g in degenerate],
+                                                   grouped[degenerate], self.state.global_step)
             if mode == "train" and getattr(self.args, "degenerate_groups", "keep") == "drop":
                 self.drop_groups(out, degenerate, num_gen, local)
                 mask = loss_mask(out)
@@ -531,6 +626,21 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
                 token_reward = reward_to_go(token_reward, mask, token_value)
             advantages = advantages + w_r * token_reward
         return advantages
+
+    def sampler_feedback(self, out: dict[str, Any], rows: list[dict[str, Any]], rewards: torch.Tensor,
+                         num_gen: int) -> SamplerFeedback:
+        """The generation batch's outcome for the sampler: every rank's rows, guidance and completion texts
+        (gathered, in generation order, so every rank's sampler sees the same) with the global rewards."""
+        from accelerate.utils import gather_object
+
+        guided = self.step.guided
+        guidance = list(guided.guidance) if guided is not None else [None] * len(rows)
+        texts = self._tokenizer.batch_decode(out["completion_ids"], skip_special_tokens=True)
+        if self.accelerator.num_processes > 1:
+            rows, guidance, texts = gather_object(list(rows)), gather_object(guidance), gather_object(texts)
+        guidance = [g if g is not None else Guidance() for g in guidance]
+        return SamplerFeedback(rows=list(rows), rewards=rewards.detach().float().cpu(), guidance=guidance,
+                               completions=list(texts), num_generations=num_gen, step=self.state.global_step)
 
     def drop_groups(self, out: dict[str, Any], groups: list[int], num_gen: int, local: slice) -> None:
         """Remove the completions of ``groups`` (global group indices) from every loss term of this step."""
@@ -613,11 +723,25 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         correction = inputs.get("correction_weights")
         if correction is not None:  # w ≥ 0 commutes with PPO's min: equals weighting the per-token PG loss
             inputs = {**inputs, "advantages": weight_advantages(inputs["advantages"], correction)}
+        guided = "swap_behaviour_logps" in inputs or "prefix_supervised_mask" in inputs
         if w_pg != 0 or w_div == 0:
-            self.step.capture = w_div != 0
+            advantages = inputs["advantages"]
+            swap = _swap_rows(inputs)
+            if swap is not None:  # their policy gradient is the sampler's shaped term, not TRL's clipped ratio
+                keep = (~swap).to(advantages.dtype)
+                inputs = {**inputs, "advantages": advantages * (keep if advantages.dim() == 1 else keep.unsqueeze(1))}
+            self.step.capture = w_div != 0 or guided
             pg = super()._compute_loss(model, inputs)
             self.step.capture = False
             terms["policy_gradient"] = w_pg * pg
+            if guided and self.step.captured_logps is not None:
+                extra, stats = guide.guided_terms(c.sampler, self.step.captured_logps, inputs, advantages,
+                                                  self._token_normalizer(inputs))
+                terms.update({name: w_pg * value for name, value in extra.items()})
+                for key, value in stats.items():
+                    self._log(f"sampler/{key}", value)
+            if w_div == 0:
+                self.step.captured_logps = None
         if w_div != 0:
             terms["divergence"] = w_div * self.divergence_loss(model, inputs)
         version = inputs.get("policy_version")
@@ -646,6 +770,9 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         student = self.student_outputs(model, inputs)
         terms = c.divergence.per_token(student, teacher)
         mask = student.mask * teacher.mask
+        swap = _swap_rows(inputs)
+        if swap is not None:  # sampled under the hinted prompt: the divergence leaves them to the shaped term
+            mask = mask * (~swap).unsqueeze(1).to(mask.dtype)
         weights = torch.ones_like(mask)
         if inputs.get("divergence_correction_weights") is not None:  # visited under μ (correction.divergence_weights)
             weights = weights * inputs["divergence_correction_weights"]
@@ -705,6 +832,15 @@ def _checked_reward_func(func: Any, name: str) -> Any:
     wrapper.__name__ = name
     wrapper.__wrapped__ = func
     return wrapper
+
+
+def _swap_rows(batch: dict[str, Any]) -> torch.Tensor | None:
+    """``(B,)`` bool: the batch's ``swap`` rows (trained on the original prompt), or None without any."""
+    roles = batch.get("sampler_role")
+    if roles is None:
+        return None
+    swap = roles == ROLES.index("swap")
+    return swap if bool(swap.any()) else None
 
 
 MULTIMODAL_KEYS = frozenset({"pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes",

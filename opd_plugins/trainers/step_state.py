@@ -20,7 +20,9 @@ class StepState:
 
     * ``rows``: this rank's dataset rows (``answer``, ``hint``, ...), in prompt order;
     * ``student_prompts``: the prompts the student generated from, after the sampler;
-    * ``sampler_output``: the sampler's :class:`~opd_plugins.samplers.base.SamplerOutput` for them;
+    * ``sampler_output``: the sampler's :class:`~opd_plugins.samplers.base.SamplerOutput` for them, ``guided`` its
+      checked plan (:class:`~opd_plugins.trainers.guided.GuidedBatch`, None at evaluation), ``guided_consumed``
+      once the rollout used it, and ``swap_behaviour``: the hinted generation's log-probs of each ``swap`` row;
     * ``rewards_per_func``: ``(N_global, n_funcs)`` task rewards of the whole generation batch;
     * ``global_rewards`` / ``local``: ``(N_global,)`` total rewards, and this rank's rows of them;
     * ``policy_versions``: the optimizer step each of this rank's completions was sampled at (from the rollout).
@@ -38,6 +40,9 @@ class StepState:
     rows: list[dict[str, Any]] | None = None
     student_prompts: list[Any] | None = None
     sampler_output: Any = None
+    guided: Any = None
+    guided_consumed: bool = False
+    swap_behaviour: dict[int, list[float]] = field(default_factory=dict)
     rewards_per_func: torch.Tensor | None = None
     global_rewards: torch.Tensor | None = None
     local: slice | None = None
@@ -50,7 +55,8 @@ class StepState:
 
     def new_generation_batch(self, rows: list[dict[str, Any]]) -> None:
         """Forget the previous generation batch's data; keep this one's rows."""
-        self.rows, self.student_prompts, self.sampler_output = rows, None, None
+        self.rows, self.student_prompts, self.sampler_output, self.guided = rows, None, None, None
+        self.swap_behaviour = {}
         self.rewards_per_func = self.policy_versions = self.global_rewards = self.local = None
 
     def take_captured(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -22,7 +22,7 @@ class CountingSampler(Sampler):
         self.calls += 1
         with open(os.environ["OPD_TEST_SAMPLER_LOG"], "a") as f:
             f.write(f"{step} {self.calls}\n")
-        return SamplerOutput(prompts=list(prompts), injected=[None] * len(prompts))
+        return SamplerOutput.unguided(len(prompts))
 
     def state_dict(self):
         return {"calls": self.calls}

@@ -24,7 +24,7 @@ from opd_plugins.data.tasks import (
 )
 from opd_plugins.errors import DataError, OPDError
 
-STANDARD_COLUMNS = ["prompt", "answer", "hint", "task", "metadata"]
+STANDARD_COLUMNS = ["prompt", "answer", "hint", "task", "metadata", "solution"]
 
 
 def questions(ds) -> list[str]:
