@@ -165,7 +165,8 @@ def opd_degenerate_groups(trainer: OPDTrainer, groups: list[int], rewards: torch
     :param groups: indices of the degenerate groups in the global generation batch.
     :param rewards: ``(N_global,)`` total rewards of the global generation batch.
     :returns: nothing (notification). (The recipe's sampler is told too, through its own
-        ``on_degenerate_groups``, with the groups' rows and rewards.)
+        ``on_degenerate_groups(rows, rewards, step)``, with one row and the ``(n, G)`` rewards of each degenerate
+        group.)
 
     Called: once per generation batch in which at least one group is degenerate, on all ranks.
     """

@@ -337,11 +337,18 @@ def sampler_rule(ctx: RecipeContext) -> list[Problem]:
     """A ``swap`` sampler needs the hinted generation's behaviour log-probs: from the rollout backend, or from the
     trainer's own forward when the backend samples the policy itself."""
     sampler, rollout = ctx.built.get("sampler"), ctx.built.get("rollout")
+    problems = []
+    limit = getattr(getattr(sampler, "params", None), "max_prefix_tokens", None)
+    total = ctx.args.get("max_completion_length", 256)
+    if isinstance(limit, int) and isinstance(total, int) and limit >= total:
+        problems.append(Problem("sampler.params.max_prefix_tokens", f"{limit} leaves no room in "
+                                f"trainer.args.max_completion_length={total} for the policy to continue the forced "
+                                f"prefix; set it below {total}"))
     if sampler is None or rollout is None or "swap" not in getattr(sampler, "roles", ()):
-        return []
+        return problems
     if getattr(rollout, "samples_policy", False) or getattr(rollout, "reports_behaviour_logps", False):
-        return []
-    return [Problem("sampler.name", f"sampler {sampler.name!r} swaps prompts (trains on the original prompt what was "
+        return problems
+    return problems + [Problem("sampler.name", f"sampler {sampler.name!r} swaps prompts (trains on the original prompt what was "
                     f"generated with a hint), which needs the hinted generation's behaviour log-probs, but rollout "
                     f"{rollout.name!r} reports none and does not sample the training policy itself; use a rollout "
                     "that reports them (hf_generate, perturbed_hf, vllm, fp8)")]

@@ -225,3 +225,52 @@ def test_reward_to_go_without_a_divergence_reward_is_refused(base, tmp_path):
     base["objective"]["divergence_reward"] = 1.0
     recipe, _ = load_recipe(write(tmp_path, base))
     assert recipe.objective.divergence_reward_to_go
+
+
+def test_sampler_reading_a_missing_column_is_refused_before_any_model_loads(base, tmp_path, monkeypatch):
+    import json
+
+    import transformers
+
+    from opd_plugins.errors import DataError
+    from opd_plugins.runs.opd import train
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the data was checked")
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"What is {i} - 1?", "answer": str(i - 1)}) for i in range(8)))
+    base["data"] = {"dataset": {"path": str(data)}, "task": {"name": "numeric_answer"}}
+    base["sampler"] = {"name": "oracle_prefix"}
+    base.pop("teacher"), base.pop("divergence")
+    base["objective"] = {"policy_gradient": 1.0}
+    recipe, pm = load_recipe(write(tmp_path, base))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+    with pytest.raises(DataError, match=r"sampler 'oracle_prefix' reads column\(s\) solution \(sampler.params\)"):
+        train(recipe, pm)
+
+
+def test_sampler_bad_inputs_are_refused_at_validation(base, tmp_path):
+    base.pop("teacher"), base.pop("divergence")
+    base["objective"] = {"policy_gradient": 1.0}
+    base["sampler"] = {"name": "guide", "params": {"quantile": 1.5}}
+    assert "sampler.params.quantile" in str(problems(write(tmp_path, base)))
+    base["sampler"] = {"name": "hint_ladder", "params": {"low": 0.5, "high": 0.2}}
+    assert "low (0.5) must be below high (0.2)" in str(problems(write(tmp_path, base)))
+    base["sampler"] = {"name": "oracle_prefix", "params": {"fractions": [0.5, 0.25]}}
+    assert "fractions must be distinct, ascending" in str(problems(write(tmp_path, base)))
+    base["sampler"] = {"name": "guide"}
+    base["rollout"] = {"name": "replay", "params": {"path": str(tmp_path)}}
+    msg = str(problems(write(tmp_path, base)))
+    assert "sampler 'guide' swaps prompts" in msg and "rollout 'replay' reports none" in msg
+
+
+def test_a_prefix_longer_than_the_completion_is_refused(base, tmp_path):
+    base.pop("teacher"), base.pop("divergence")
+    base["objective"] = {"policy_gradient": 1.0}
+    base["trainer"]["args"]["max_completion_length"] = 32
+    base["sampler"] = {"name": "prefix_rl", "params": {"max_prefix_tokens": 32}}
+    assert "sampler.params.max_prefix_tokens: 32 leaves no room in trainer.args.max_completion_length=32" in \
+        str(problems(write(tmp_path, base)))
+    base["sampler"]["params"]["max_prefix_tokens"] = 16
+    load_recipe(write(tmp_path, base))
