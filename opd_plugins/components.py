@@ -44,6 +44,7 @@ KINDS: tuple[str, ...] = (
     "token_weighting",
     "advantage",
     "sampler",
+    "prompt_selection",
     "rollout",
     "schedule",
     "task",

@@ -40,6 +40,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "opd_plugins.token_weighting",
     "opd_plugins.advantages",
     "opd_plugins.samplers",
+    "opd_plugins.prompt_selection",
     "opd_plugins.rollout",
     "opd_plugins.schedules",
     "opd_plugins.tasks",

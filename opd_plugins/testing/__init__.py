@@ -15,6 +15,7 @@ from opd_plugins.testing.contracts import (
     AdvantageContract,
     ComponentContract,
     DivergenceContract,
+    PromptSelectionContract,
     RolloutContract,
     SamplerContract,
     TaskContract,
@@ -35,7 +36,7 @@ from opd_plugins.testing.models import build_tiny_model, build_tokenizer, save_t
 __all__ = [
     "AdvantageContract", "ComponentContract", "DivergenceContract", "RolloutContract", "SamplerContract",
     "ScheduleContract", "TeacherContract", "TokenWeightingContract", "contract_for", "TextTeacherContract",
-    "TaskContract", "TrainerContract",
+    "TaskContract", "TrainerContract", "PromptSelectionContract",
     "build_component", "build_tiny_model", "build_tokenizer", "fake_context", "make_inputs", "random_pair",
     "save_tiny_model", "teacher_batch",
 ]

@@ -526,6 +526,72 @@ class TokenWeightingContract(ComponentContract):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Prompt selections
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def oracle_rewards(indices: list[int], n_prompts: int, num_generations: int, generator: torch.Generator) -> torch.Tensor:
+    """``(len(indices), G)`` Bernoulli rewards of prompts whose success probability is ``i / (n_prompts − 1)``."""
+    p = torch.tensor(indices, dtype=torch.float64) / max(n_prompts - 1, 1)
+    return (torch.rand(len(indices), num_generations, generator=generator, dtype=torch.float64) < p[:, None]).double()
+
+
+class PromptSelectionContract(ComponentContract):
+    """``select`` returns k distinct in-range indices, is deterministic for equal state, seed and step, and gives
+    the same future chunks after a checkpoint round trip; ``observe`` takes NaN (unscored) rewards."""
+
+    n_prompts: ClassVar[int] = 12
+    k: ClassVar[int] = 4
+
+    def run(self, selection: Any, chunks: int, seed: int = 0, start: int = 0) -> list[list[int]]:
+        """``chunks`` rounds of select → oracle rewards (one NaN in each group) → observe; the chunks chosen."""
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        for step in range(start, start + chunks):
+            chosen = selection.select(self.k, self.n_prompts, step)
+            rewards = oracle_rewards(chosen, self.n_prompts, 4, gen)
+            rewards[:, -1] = float("nan")
+            selection.observe(chosen, rewards, step)
+            out.append(chosen)
+        return out
+
+    def exercised(self) -> Component:
+        selection = self.make()
+        self.run(selection, 5)
+        return selection
+
+    def test_selects_k_distinct_in_range(self):
+        selection = self.make()
+        for chosen in self.run(selection, 8):
+            assert len(chosen) == self.k == len(set(chosen)) and all(isinstance(i, int) for i in chosen)
+            assert all(0 <= i < self.n_prompts for i in chosen)
+        assert all(isinstance(v, float) for v in selection.last_stats.values()), selection.last_stats
+
+    def test_deterministic_for_equal_state_seed_and_step(self):
+        assert self.run(self.make(), 6) == self.run(self.make(), 6)
+        a, b = self.exercised(), self.exercised()
+        assert a.select(self.k, self.n_prompts, 7) == b.select(self.k, self.n_prompts, 7)
+
+    def test_checkpoint_round_trip_gives_the_same_future_chunks(self, tmp_path):
+        from opd_plugins.trainers.state import load_component_states, save_component_states
+
+        selection = self.exercised()
+        save_component_states(str(tmp_path), {"prompt_selection": selection})
+        restored = self.make()
+        load_component_states(str(tmp_path), {"prompt_selection": restored})
+        assert self.run(restored, 6, seed=1, start=5) == self.run(selection, 6, seed=1, start=5)
+
+    def test_observe_accepts_unscored_rewards(self):
+        selection = self.make()
+        chosen = selection.select(self.k, self.n_prompts, 0)
+        rewards = torch.full((self.k, 4), float("nan"))
+        rewards[0, :2] = torch.tensor([0.0, 1.0])
+        selection.observe(chosen, rewards, 0)
+        again = selection.select(self.k, self.n_prompts, 1)
+        assert len(set(again)) == self.k and all(0 <= i < self.n_prompts for i in again)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Text-only teachers and preference objectives (SODA)
 # ---------------------------------------------------------------------------------------------------------------
 # A text-only teacher (capabilities {"text"}) returns responses, never token log-probs: the token-level contract above
@@ -615,6 +681,7 @@ CONTRACTS: dict[str, type[ComponentContract]] = {
     "teacher": TeacherContract, "divergence": DivergenceContract, "advantage": AdvantageContract,
     "sampler": SamplerContract, "rollout": RolloutContract, "schedule": ScheduleContract,
     "token_weighting": TokenWeightingContract, "task": TaskContract, "trainer": TrainerContract,
+    "prompt_selection": PromptSelectionContract,
 }
 
 

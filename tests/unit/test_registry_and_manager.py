@@ -12,8 +12,8 @@ PKG = "helpers.fake_plugins_pkg"
 
 
 def test_component_kinds_are_pinned():
-    assert KINDS == ("teacher", "divergence", "token_weighting", "advantage", "sampler", "rollout", "schedule", "task",
-                     "trainer")
+    assert KINDS == ("teacher", "divergence", "token_weighting", "advantage", "sampler", "prompt_selection", "rollout",
+                     "schedule", "task", "trainer")
 
 
 def test_builtins_register_first_members():
