@@ -110,7 +110,7 @@ def slot_rule(ctx: RecipeContext) -> list[Problem]:
     return problems
 
 
-_DEFAULT_SLOTS = {"advantage": "grpo", "sampler": "none", "rollout": "hf_generate"}
+_DEFAULT_SLOTS = {"advantage": "grpo", "sampler": "none", "prompt_selection": "uniform", "rollout": "hf_generate"}
 
 
 def _is_set(slot: str, spec: ComponentSpec) -> bool:
@@ -354,6 +354,26 @@ def sampler_rule(ctx: RecipeContext) -> list[Problem]:
                     "that reports them (hf_generate, perturbed_hf, vllm, fp8)")]
 
 
+def async_rollout_rule(ctx: RecipeContext) -> list[Problem]:
+    """A backend that generates ahead samples from its own copy of the policy in a background thread, before any
+    sampler could guide the batch."""
+    rollout, sampler = ctx.built.get("rollout"), ctx.built.get("sampler")
+    if rollout is None or not getattr(rollout, "generates_ahead", False):
+        return []
+    problems = []
+    inner = getattr(rollout, "nested", {}).get("backend")
+    if inner is not None and (getattr(inner, "samples_policy", False) or inner.name in ("vllm", "replay")
+                              or getattr(getattr(inner, "params", None), "flow", None) == "unified"):
+        problems.append(Problem("rollout.params.backend", f"rollout {rollout.name!r} generates in a background thread "
+                                f"from a private copy of the policy, but backend {inner.name!r} samples the live "
+                                "model (or serves it elsewhere); use perturbed_hf (noise_std: 0 is an exact copy) or "
+                                "fp8 with flow: rollout_only"))
+    if sampler is not None and sampler.name != "none":
+        problems.append(Problem("sampler.name", f"rollout {rollout.name!r} generates the next batches before sampler "
+                                f"{sampler.name!r} could guide them; use one or the other"))
+    return problems
+
+
 def reward_to_go_rule(ctx: RecipeContext) -> list[Problem]:
     """``objective.divergence_reward_to_go`` transforms the divergence reward: with that reward's weight 0 at every
     step (or no divergence) it would do nothing."""
@@ -372,7 +392,7 @@ def reward_to_go_rule(ctx: RecipeContext) -> list[Problem]:
 
 
 ON_POLICY_RULES = (teacher_needed_rule, capability_rule, reward_rule, batch_rule, rollout_args_rule, pg_terms_rule,
-                   reward_to_go_rule, sampler_rule)
+                   reward_to_go_rule, sampler_rule, async_rollout_rule)
 
 
 __all__ = ["GENERIC_RULES", "ON_POLICY_RULES", "RecipeContext", "device_problems"]

@@ -27,6 +27,8 @@ class RolloutBackend(Component):
     them)."""
     reports_behaviour_logps: ClassVar[bool] = False
     """True when :meth:`generate` always returns behaviour log-probs."""
+    generates_ahead: ClassVar[bool] = False
+    """True when the backend wants to know the next generation batches (:meth:`prefetch`) to generate them early."""
 
     def setup(self, ctx: SetupContext) -> None:
         """Prepare the engine (called once, on every rank)."""
@@ -39,6 +41,10 @@ class RolloutBackend(Component):
         applied when the trainer's config is built, before any model loads. A recipe whose ``trainer.args`` set one
         of them to another value is refused. Default: none."""
         return {}
+
+    def prefetch(self, batches: list[tuple[list[list[int]], Sampling]]) -> None:
+        """The generation batches that come after the current one (prompt ids and sampling each), in order; called
+        by the trainer after each generation when :attr:`generates_ahead` is set. Default: nothing."""
 
     def sync_weights(self, model: Any, version: int) -> None:
         """The policy changed (optimizer step ``version``): push ``model``'s weights to the engine. A no-op for

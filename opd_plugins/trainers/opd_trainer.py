@@ -36,6 +36,7 @@ from opd_plugins.trainers import guided as guide
 from opd_plugins.trainers.checkpointing import HookedTrainerMixin
 from opd_plugins.trainers.components import Components
 from opd_plugins.trainers.guards import check_finite_terms
+from opd_plugins.trainers.lookahead import DataLookahead
 from opd_plugins.trainers.opd_config import OPDConfig
 from opd_plugins.trainers.step_state import StepState
 from opd_plugins.trainers.student import full_vocab_outputs, fused_outputs, loss_mask
@@ -61,6 +62,7 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         self.components = components if components is not None else Components()
         self.recipe = recipe
         self.step = StepState()
+        self._lookahead: DataLookahead | None = None
         self._synced_version: int | None = None
         _check_components(self.components)
         # Pure distillation needs no task reward, but TRL requires a reward source: give it a constant one and
@@ -307,6 +309,23 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         total = self.state.max_steps or 0
         return any(float(schedule.value(s, total)) != 0 for s in self.buffer_steps())
 
+    def prefetch_next(self, rows: list[dict[str, Any]]) -> None:
+        """Tell a rollout backend that generates ahead (``async``) which generation batches follow ``rows``, from a
+        look-ahead over the same data order (:mod:`opd_plugins.trainers.lookahead`)."""
+        ahead = int(getattr(getattr(self.components.rollout, "params", None), "ahead", 1))
+        if ahead <= 0:
+            return
+        if self._lookahead is None:
+            repeats = self.num_iterations * self.args.steps_per_generation
+            self._lookahead = DataLookahead(self.get_train_dataloader, repeats,
+                                            max_search=len(self.train_dataset) + 2)
+        batches = []
+        for upcoming in self._lookahead.after(list(rows), ahead):
+            ids = self._tokenize_prompts([r["prompt"] for r in upcoming])[0]
+            batches.append((ids, Sampling(num_generations=self.num_generations, step=self.state.global_step)))
+        self.components.rollout.prefetch(batches)
+        self._log("rollout/async/misaligned", float(self._lookahead.misaligned))
+
     def record_guidance(self, out: dict[str, Any]) -> None:
         """Put the sampler's guidance in the generation batch: ``sampler_role`` ``(B,)`` (codes of
         :data:`~opd_plugins.samplers.base.ROLES`), ``swap_behaviour_logps`` ``(B, T)`` (log π_old(y | x, h) of the
@@ -363,6 +382,8 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         images = sorted(MULTIMODAL_KEYS & set(out))
         _refuse_multimodal(self.text_only_parts(), images, "this generation batch")
         self.record_guidance(out)
+        if self._mode() == "train" and self.components.rollout.generates_ahead:
+            self.prefetch_next(inputs)
         mask = loss_mask(out)
         if not images:  # the recomputed log-probs would miss the images: no correction statistics
             self.apply_correction(out, mask)
