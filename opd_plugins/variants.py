@@ -18,8 +18,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from opd_plugins.recipe.rules import RecipeContext
     from opd_plugins.recipe.schema import Recipe
 
-SECTIONS: tuple[str, ...] = ("teacher", "divergence", "advantage", "sampler", "rollout", "token_weighting",
-                             "objective", "correction")
+SECTIONS: tuple[str, ...] = ("teacher", "divergence", "advantage", "sampler", "prompt_selection", "rollout",
+                             "token_weighting", "objective", "correction")
 """Recipe sections a variant may use (``model``, ``data``, ``trainer``, ``evaluation`` and ``output_dir`` are
 every variant's)."""
 
@@ -49,7 +49,7 @@ class TrainerVariant(Component):
     def summary(self, recipe: Recipe) -> str:
         """What ``opd-plugins validate`` prints about a valid recipe: the components this loop will use."""
         parts = [f"trainer={self.name}"]
-        for slot in ("teacher", "divergence", "advantage", "sampler", "rollout"):
+        for slot in ("teacher", "divergence", "advantage", "sampler", "prompt_selection", "rollout"):
             spec = getattr(recipe, slot, None)
             if slot in self.sections and spec is not None:
                 parts.append(f"{slot}={spec.name}")

@@ -15,6 +15,7 @@ SLOT_KINDS: dict[str, str] = {
     "divergence": "divergence",
     "advantage": "advantage",
     "sampler": "sampler",
+    "prompt_selection": "prompt_selection",
     "rollout": "rollout",
 }
 """Single-component recipe slots and the component kind each takes (``token_weighting`` is a list)."""
@@ -168,6 +169,8 @@ class Recipe(Strict):
     divergence: ComponentSpec | None = None
     advantage: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="grpo"))
     sampler: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="none"))
+    prompt_selection: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="uniform"), description=(
+        "Which dataset prompts each generation batch is drawn from (docs/prompt_selection.md)."))
     rollout: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="hf_generate"))
     token_weighting: list[ComponentSpec] = Field(default_factory=list)
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)

@@ -24,6 +24,7 @@ class Components:
     divergence: Any = None
     advantage: Any = None
     sampler: Any = None
+    prompt_selection: Any = None  # which dataset prompts each generation batch is drawn from (default: uniform)
     rollout: Any = None
     token_weighting: list[Any] = field(default_factory=list)
     pg_weight: Any = field(default_factory=lambda: _constant(1.0))
@@ -44,6 +45,10 @@ class Components:
             from opd_plugins.samplers import NoSampler
 
             self.sampler = NoSampler()
+        if self.prompt_selection is None:
+            from opd_plugins.prompt_selection import UniformSelection
+
+            self.prompt_selection = UniformSelection()
         if self.rollout is None:
             from opd_plugins.rollout import HFGenerate
 
@@ -64,7 +69,8 @@ class Components:
 
             pm = get_plugin_manager()
         kinds = {"teacher": "teacher", "divergence": "divergence", "advantage": "advantage", "sampler": "sampler",
-                 "rollout": "rollout", "pg_weight": "schedule", "div_weight": "schedule", "div_reward_weight": "schedule"}
+                 "prompt_selection": "prompt_selection", "rollout": "rollout", "pg_weight": "schedule",
+                 "div_weight": "schedule", "div_reward_weight": "schedule"}
         resolved: dict[str, Any] = {}
         for slot, value in slots.items():
             if slot in ("correction", "div_reward_to_go"):
@@ -87,8 +93,8 @@ class Components:
         if built is None and hasattr(recipe, "take_components"):
             built = recipe.take_components()
         if built is not None:
-            names = ("teacher", "divergence", "advantage", "sampler", "rollout", "pg_weight", "div_weight",
-                     "div_reward_weight")
+            names = ("teacher", "divergence", "advantage", "sampler", "prompt_selection", "rollout", "pg_weight",
+                     "div_weight", "div_reward_weight")
             return cls(**{k: built[k] for k in names if k in built},
                        token_weighting=list(built.get("token_weighting", [])), correction=recipe.correction,
                        div_reward_to_go=recipe.objective.divergence_reward_to_go)
@@ -96,7 +102,7 @@ class Components:
         return cls.build(
             pm,
             teacher=spec(recipe.teacher), divergence=spec(recipe.divergence), advantage=spec(recipe.advantage),
-            sampler=spec(recipe.sampler), rollout=spec(recipe.rollout),
+            sampler=spec(recipe.sampler), prompt_selection=spec(recipe.prompt_selection), rollout=spec(recipe.rollout),
             token_weighting=[spec(s) for s in recipe.token_weighting],
             pg_weight=spec(recipe.objective.policy_gradient), div_weight=spec(recipe.objective.divergence),
             div_reward_weight=spec(recipe.objective.divergence_reward), correction=recipe.correction,
@@ -105,8 +111,8 @@ class Components:
 
     def named(self) -> dict[str, Component]:
         """Every component under a stable key (used for checkpoints)."""
-        out = {k: getattr(self, k) for k in ("teacher", "divergence", "advantage", "sampler", "rollout",
-                                              "pg_weight", "div_weight", "div_reward_weight")}
+        out = {k: getattr(self, k) for k in ("teacher", "divergence", "advantage", "sampler", "prompt_selection",
+                                              "rollout", "pg_weight", "div_weight", "div_reward_weight")}
         out.update({f"token_weighting.{i}": tw for i, tw in enumerate(self.token_weighting)})
         return {k: v for k, v in out.items() if v is not None}
 

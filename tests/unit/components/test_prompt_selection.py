@@ -258,3 +258,26 @@ def test_a_resumed_run_trains_on_the_same_prompts(cls, save_after):
     resumed, _ = train(restored, data, batches, epochs=3, skip=done % batches, start_epoch=done // batches)
     assert resumed == whole[done:]
 
+
+def test_recipe_slot_validates_and_soda_refuses_it(opd_tiny_model_dir, tmp_path):
+    from opd_plugins.errors import RecipeError
+    from opd_plugins.recipe.loader import validate_recipe
+    from opd_plugins.trainers import Components
+
+    base = {"model": {"name_or_path": str(opd_tiny_model_dir)}, "data": {"task": {"name": "arithmetic"}},
+            "trainer": {"args": {"per_device_train_batch_size": 4, "num_generations": 4}}, "output_dir": str(tmp_path)}
+    recipe, pm = validate_recipe(base, "r.yaml")
+    assert recipe.prompt_selection.name == "uniform"
+    recipe, pm = validate_recipe({**base, "prompt_selection": {"name": "variance", "params": {"decay": 0.9}}}, "r.yaml")
+    components = Components.from_recipe(recipe, pm)
+    assert isinstance(components.prompt_selection, VarianceSelection) and components.prompt_selection.params.decay == 0.9
+    assert "prompt_selection" in components.named()
+    assert isinstance(Components().prompt_selection, UniformSelection)
+    with pytest.raises(RecipeError) as exc:
+        validate_recipe({**base, "prompt_selection": {"name": "varience", "params": {"decay": 2}}}, "r.yaml")
+    assert "prompt_selection.name: unknown prompt_selection 'varience'. Did you mean 'variance'?" in str(exc.value)
+    soda = {**base, "trainer": {"name": "soda"}, "teacher": {"name": "blackbox_text", "params": {"source": "column"}},
+            "prompt_selection": {"name": "variance"}}
+    with pytest.raises(RecipeError) as exc:
+        validate_recipe(soda, "r.yaml")
+    assert "prompt_selection: not used by trainer 'soda'" in str(exc.value)
