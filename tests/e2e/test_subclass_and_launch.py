@@ -87,10 +87,11 @@ def test_vocab_mismatch_is_a_clear_error_before_training(tmp_path, opd_tiny_mode
 
 def test_missing_teacher_column_fails_before_anything_is_written(tmp_path, opd_tiny_model_dir):
     path = _tiny_recipe(tmp_path, opd_tiny_model_dir, teacher={"name": "self_context",
-                                                               "params": {"template": "{prompt} {solution}"}})
+                                                               "params": {"template": "{prompt} {proof}"}})
     out = subprocess.run([sys.executable, "-m", "opd_plugins", "train", str(path)], capture_output=True, text=True,
                          env=_env(), timeout=600)
-    assert out.returncode == 2 and "solution" in out.stderr and "Traceback" not in out.stderr
+    # tasks write a worked `solution` column; `proof` is one no task writes
+    assert out.returncode == 2 and "proof" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "run").exists()
 
 
