@@ -42,6 +42,9 @@ class SetupContext:
     * ``trl_generate``: TRL's own generation path (transformers or vLLM, as the trainer arguments set it), a callable
       ``(prompt_ids, images, multimodal_fields, num_generations, has_tool_images) -> (completion_ids, logprobs)``;
       the ``hf_generate`` backend is a thin component over it. None outside a trainer.
+    * ``shard_frozen(module)``: the module sharded the way the student is (FSDP2 ``fully_shard`` per decoder layer, or
+      a DeepSpeed ZeRO-3 inference engine), for a frozen model a component keeps (an ``hf_model`` teacher); None
+      when the student is not sharded.
     * ``peers``: the run's other components by slot (``rollout``, ``teacher``, ...), read-only, for components whose
       correctness depends on another (an offline teacher checks that the rollouts are replayed from its cache).
     """
@@ -63,6 +66,7 @@ class SetupContext:
     eos_token_ids: list[int] | None = None
     pad_to_multiple_of: int | None = None
     trl_generate: Callable[..., tuple[list[list[int]], list[list[float]] | None]] | None = None
+    shard_frozen: Callable[[Any], Any] | None = None
     peers: Mapping[str, Any] = field(default_factory=dict)
 
     @property

@@ -118,14 +118,14 @@ def versions_key(*packages: str, sources: Iterable[Path] = ()) -> str:
 def name_problems(args: dict[str, Any], fields: set[str], *, explain: Callable[[str], str] | None = None,
                   allowed: Iterable[str] = ()) -> list[Problem]:
     """``trainer.args.<key>: unknown trainer argument`` (with did-you-mean) for every key that is neither a field
-    nor in ``allowed``; ``output_dir`` is always refused (the recipe's top-level ``output_dir`` sets it).
+    nor in ``allowed``; ``output_dir`` and ``seed`` are always refused (the recipe's top-level keys set them).
     ``explain(key)`` may add why a key does not belong (e.g. it is another trainer's option)."""
     allowed = set(allowed)
     problems = []
     for key in args:
         path = f"trainer.args.{key}"
-        if key == "output_dir":
-            problems.append(Problem(path, "set the top-level output_dir instead"))
+        if key in ("output_dir", "seed"):
+            problems.append(Problem(path, f"set the top-level {key} instead (the recipe's {key} sets the trainer's)"))
         elif key not in fields and key not in allowed:
             why = explain(key) if explain is not None else ""
             problems.append(Problem(path, f"{why or 'unknown trainer argument'}."

@@ -404,9 +404,14 @@ def train_and_report(trainer: Any, out: Path, summary: dict[str, Any], checkpoin
     summary["train_seconds"] = round(time.time() - t0, 1)
     summary["steps"] = trainer.state.global_step
     trainer.save_model(str(out / "final"))
+    # A sharded student (FSDP2, ZeRO-3) needs every rank in each forward: all ranks run the same evaluation (same
+    # prompts and seeds, so the same result) and the main process writes it.
+    sharded = getattr(trainer, "sharding", lambda: "none")() in ("fsdp", "deepspeed_zero3")
+    after = evaluate_after() if evaluate_after is not None and (trainer.accelerator.is_main_process or sharded) \
+        else None
     if trainer.accelerator.is_main_process:
-        if evaluate_after is not None:
-            summary["after"] = evaluate_after()
+        if after is not None:
+            summary["after"] = after
         (out / "eval_summary.json").write_text(json.dumps(summary, indent=1))
         plot_curves(out, summary)
         print_summary(console, summary)

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from opd_plugins.components import ComponentParams
 from opd_plugins.context import SetupContext
+from opd_plugins.errors import OPDError
 from opd_plugins.teachers.base import Capability, Teacher, TeacherBatch, TeacherScores, score_with_causal_lm
 
 
@@ -29,6 +30,9 @@ class HFModelTeacher(Teacher):
         model: str = Field(..., description="Local path, hub id, or 'smollm2-135m-instruct'.")
         dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="Teacher weights dtype.")
         device: str | None = Field(None, description="Device for the teacher (default: the trainer's device).")
+        placement: Literal["auto", "replicate", "shard"] = Field(
+            "auto", description="shard: the teacher sharded with the student's engine (FSDP2 / ZeRO-3, no optimizer "
+                                "state); replicate: a whole copy on every rank; auto: shard when the student is.")
         top_k: int = Field(0, ge=0, description="Also return the teacher's top-k per token (0 = only when asked).")
         temperature: float | None = Field(None, gt=0, description="Scoring temperature (default: the sampling temperature).")
         chunk_size: int = Field(8, ge=1, description="Rows scored per forward pass.")
@@ -42,6 +46,7 @@ class HFModelTeacher(Teacher):
     def __init__(self, params: Params | None = None) -> None:
         super().__init__(params)
         self.model: torch.nn.Module | None = None
+        self.placement = "replicate"
         self.temperature = 1.0
         self.device: torch.device | None = None
 
@@ -75,6 +80,18 @@ class HFModelTeacher(Teacher):
             getattr(student.config, "_name_or_path", "student") or "student", p.model,
         )
         self.attach(self.model, device=p.device or ctx.device, temperature=p.temperature or ctx.temperature)
+        shard = p.placement == "shard" or (p.placement == "auto" and ctx.shard_frozen is not None and not p.device
+                                           and not p.quantization)
+        if shard:
+            if ctx.shard_frozen is None:
+                raise OPDError(f"teacher hf_model: placement: shard shards the teacher with the student's engine, but "
+                               f"the student is not sharded here ({ctx.sharding}); launch with an FSDP2 or ZeRO-3 "
+                               "accelerate config, or use placement: replicate")
+            if p.quantization or p.device:
+                raise OPDError("teacher hf_model: placement: shard cannot be combined with "
+                               f"{'quantization' if p.quantization else 'device'}; use placement: replicate")
+            self.model = ctx.shard_frozen(self.model)
+        self.placement = "shard" if shard else "replicate"
 
     def attach(self, model: torch.nn.Module, *, device: Any = "cpu", temperature: float = 1.0) -> None:
         """Use an already-loaded model as the teacher (frozen, eval mode)."""

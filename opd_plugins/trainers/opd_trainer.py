@@ -136,7 +136,17 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
             max_completion_length=self.max_completion_length, generation_config=getattr(self, "generation_config", None),
             eos_token_ids=getattr(self, "eos_token_ids", None), pad_to_multiple_of=getattr(self, "pad_to_multiple_of", None),
             trl_generate=self._trl_generate, peers=MappingProxyType(self.components.named()),
+            shard_frozen=self._shard_frozen if self.sharding() in ("fsdp", "deepspeed_zero3") else None,
         )
+
+    def _shard_frozen(self, module: Any) -> Any:
+        """A frozen module sharded with the student's engine (TRL's own helpers, as for its reference model)."""
+        from trl.models.utils import prepare_deepspeed, prepare_fsdp
+
+        module = module.eval().requires_grad_(False)
+        if self.sharding() == "fsdp":
+            return prepare_fsdp(module, self.accelerator)
+        return prepare_deepspeed(module, self.accelerator)
 
     def sharding(self) -> str:
         """``fsdp``, ``deepspeed_zero3``, ``ddp`` or ``none``: how the student's parameters are laid out."""

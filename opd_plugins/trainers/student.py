@@ -43,10 +43,18 @@ def fused_outputs(model: Any, unwrapped: Any, ids: torch.Tensor, attention_mask:
     T = completion_ids.shape[1]
     hidden, head = final_hidden_states(model, unwrapped, ids, attention_mask, T + 1)
     hidden = hidden[:, :-1]
-    logps = fused_token_logps(hidden, head.weight, completion_ids, temperature, chunk, head.bias)
-    ent = fused_entropy(hidden.detach(), head.weight, temperature, chunk, head.bias) if entropy else None
+    weight, bias = whole(head.weight), whole(head.bias)
+    logps = fused_token_logps(hidden, weight, completion_ids, temperature, chunk, bias)
+    ent = fused_entropy(hidden.detach(), weight, temperature, chunk, bias) if entropy else None
     return StudentOutputs(token_logps=logps, mask=mask, hidden=hidden, entropy=ent,
-                          lm_head=LMHead(head.weight, head.bias, temperature))
+                          lm_head=LMHead(weight, bias, temperature))
+
+
+def whole(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """An FSDP2-sharded parameter (a DTensor) gathered whole, differentiably (its gradient is reduce-scattered back
+    into the shards); any other tensor as it is."""
+    full = getattr(tensor, "full_tensor", None)
+    return full() if callable(full) else tensor
 
 
 def final_hidden_states(model: Any, unwrapped: Any, ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -98,9 +106,10 @@ def final_hidden_states(model: Any, unwrapped: Any, ids: torch.Tensor, attention
     hidden, weight = captured[0], head.weight
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise OPDError(f"{what}, but the lm head's weight is {tuple(weight.shape)} for hidden size "
-                       f"{hidden.shape[-1]} (sharded by FSDP or ZeRO-3?){unset}")
+                       f"{hidden.shape[-1]} (partitioned by DeepSpeed ZeRO-3? fused_lm_head supports DDP and "
+                       f"FSDP2; under ZeRO-3 use the chunked divergence){unset}")
     with torch.no_grad():
-        ref = torch.nn.functional.linear(hidden[:, -1:], weight, head.bias).float()
+        ref = torch.nn.functional.linear(hidden[:, -1:], whole(weight), whole(head.bias)).float()
         diff = float((logits[:, -1:].float() - ref).abs().max()) if logits.shape == ref.shape else float("inf")
         if not diff <= 1e-2 * float(ref.abs().max()) + 1e-4:
             raise OPDError(f"{what}, but this model's logits differ from that by up to {diff:.3g}: it post-processes "
