@@ -55,12 +55,29 @@ class ShadowWeights:
             with torch.no_grad():
                 for name, shadow in self.tensors.items():
                     p = params[name]
-                    saved[name] = p.data
-                    p.data = shadow.to(device=p.device, dtype=p.dtype)
+                    if is_dtensor(p) and not is_dtensor(shadow):
+                        # the student was sharded after the copy was made: keep this rank's shard of it from now on
+                        from torch.distributed.tensor import distribute_tensor
+
+                        shadow = self.tensors[name] = distribute_tensor(
+                            shadow.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                    if is_dtensor(p):
+                        # FSDP2 gathers a parameter from storage it keeps beside it: the shadow is copied into the
+                        # shard in place (and the live values back afterwards) rather than swapped by pointer.
+                        saved[name] = p.detach().clone()
+                        p.copy_(shadow.to(dtype=p.dtype))
+                    else:
+                        saved[name] = p.data
+                        p.data = shadow.to(device=p.device, dtype=p.dtype)
             yield
         finally:
-            for name, data in saved.items():
-                params[name].data = data
+            with torch.no_grad():
+                for name, data in saved.items():
+                    p = params[name]
+                    if is_dtensor(p):
+                        p.copy_(data)
+                    else:
+                        p.data = data
 
     def load(self, tensors: dict[str, torch.Tensor], updates: int) -> None:
         """Restore a checkpoint's tensors, refusing ones that do not match the tracked parameters."""
@@ -82,8 +99,13 @@ class ShadowWeights:
         self.updates = updates
 
 
+def is_dtensor(tensor: Any) -> bool:
+    """A parameter sharded by FSDP2 (a ``DTensor``)."""
+    return callable(getattr(tensor, "full_tensor", None)) and hasattr(tensor, "placements")
+
+
 def is_peft(model: Any) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-__all__ = ["ShadowWeights", "is_peft", "trainable"]
+__all__ = ["ShadowWeights", "is_dtensor", "is_peft", "trainable"]

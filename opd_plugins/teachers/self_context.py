@@ -141,10 +141,10 @@ class SelfContextTeacher(Teacher):
         if self.params.weights == "initial" and not is_peft(model):
             # Full fine-tuning: a copy of the starting trainable weights, swapped in to score. (Not a deepcopy of
             # the model: TRL patches ``model.forward`` with a closure over the live model, which a copy would keep.)
-            _check_unsharded(ctx)
+            _check_unsharded(ctx, "initial")
             self.shadow = ShadowWeights(model, who=who)
         if self.params.weights == "ema":
-            _check_unsharded(ctx)
+            _check_unsharded(ctx, "ema")
             self.shadow = ShadowWeights(model, ema_decay=self.ema_decay, who=who)
             if ctx.on_optimizer_step is not None:
                 ctx.on_optimizer_step(self.update_ema)
@@ -274,10 +274,16 @@ class SelfContextTeacher(Teacher):
             self.shadow.load(ema, int(state.get("ema_updates", 0)))
 
 
-def _check_unsharded(ctx: SetupContext) -> None:
-    """The teacher's weights are swapped into the student's parameters, which needs whole (unsharded) tensors."""
-    if ctx.sharded:
-        raise OPDError("teacher self_context: weights: ema (and initial without LoRA) is not supported with FSDP or "
-                       "DeepSpeed ZeRO-3, because each rank holds only a shard of the parameters; use weights: live, "
-                       "LoRA with weights: initial, or DDP")
-
+def _check_unsharded(ctx: SetupContext, weights: str) -> None:
+    """The teacher's weights live beside the student's parameters and are copied in to score. FSDP2 shards both
+    alike (``initial`` works there); DeepSpeed ZeRO-3 partitions parameters outside its own forward, and an EMA's
+    sharded averages are not gathered into checkpoints yet."""
+    if ctx.sharding == "deepspeed_zero3" or (ctx.sharded and weights == "ema"):
+        engine = "DeepSpeed ZeRO-3" if ctx.sharding == "deepspeed_zero3" else "FSDP"
+        alternatives = ("LoRA (the initial teacher is the base with the adapter off), weights: live, ZeRO-2 or FSDP2"
+                        if weights == "initial" else "weights: initial (FSDP2, or LoRA), weights: live, or DDP / ZeRO-2")
+        what = "on a full fine-tune " if weights == "initial" else ""
+        raise OPDError(f"teacher self_context: weights: {weights} {what}is not supported under {engine}, "
+                       f"because each rank holds only a shard of the parameters"
+                       f"{' and an EMA of sharded weights is not checkpointed' if weights == 'ema' else ''}; "
+                       f"use {alternatives}")

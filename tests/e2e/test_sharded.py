@@ -105,3 +105,17 @@ def test_fsdp2_grpo_and_its_resume_equal_one_process(tmp_path, opd_tiny_model_di
         subprocess.run(["rm", "-rf", str(run / item)], check=True)
     resumed, _ = _launch(tmp_path, recipe, 2, "--resume")
     _same([r for r in one if r["step"] > 2], [r for r in resumed if r["step"] > 2], "loss")
+
+
+def test_fsdp2_self_context_with_initial_weights_on_a_full_fine_tune_equals_one_process(tmp_path, opd_tiny_model_dir):
+    # the frozen initial weights are kept as this rank's shard and copied into the sharded student to score
+    extra = dict(teacher={"name": "self_context", "params": {"template": "{prompt} = {answer}", "weights": "initial"}},
+                 divergence={"name": "reverse_kl"}, objective={"policy_gradient": 0.0, "divergence": 1.0},
+                 args={"max_steps": 3, "learning_rate": 5.0e-3})
+    one, _ = _launch(tmp_path, _recipe(tmp_path, "sc1", opd_tiny_model_dir, processes=1, **extra), 1)
+    two, probes = _launch(tmp_path, _recipe(tmp_path, "sc2", opd_tiny_model_dir, processes=2, **extra), 2)
+    assert len(one) == 3 and one[0]["opd/divergence"] > 0
+    # the student moved away from its start, so a teacher that were the live weights would differ from step 2 on
+    _same(one, two, "loss")
+    _same(one, two, "opd/divergence")
+    assert all(p["sharding"] == "fsdp" and p["student"]["dtensor"] == p["student"]["n"] > 0 for p in probes)

@@ -283,3 +283,26 @@ def test_valid_recipe_with_ema_and_reveal(tmp_path, opd_tiny_model_dir):
     params = P(**recipe.teacher.params)
     assert params.reveal.name == "linear" and params.ema_decay == 0.95
     assert SelfContextTeacher(P(weights="ema")).ema_decay == 0.99
+
+
+@pytest.mark.parametrize("weights, sharding, refused", [
+    ("initial", "fsdp", False),  # FSDP2: the initial copy is kept as each rank's shard (tests/e2e/test_sharded.py)
+    ("initial", "deepspeed_zero3", True),
+    ("ema", "fsdp", True),
+    ("ema", "deepspeed_zero3", True),
+    ("ema", "ddp", False),
+])
+def test_engines_the_frozen_weights_cannot_follow_are_refused_with_an_alternative(weights, sharding, refused,
+                                                                                  opd_tiny_model, opd_tokenizer):
+    from opd_plugins.errors import OPDError
+
+    teacher = SelfContextTeacher(SelfContextTeacher.Params(template="{prompt} {answer}", weights=weights))
+    ctx = fake_trainer(copy.deepcopy(opd_tiny_model), opd_tokenizer, sharding=sharding)
+    if not refused:
+        teacher.setup(ctx)
+        assert teacher.shadow is not None
+        return
+    with pytest.raises(OPDError) as err:
+        teacher.setup(ctx)
+    msg = str(err.value)
+    assert f"weights: {weights}" in msg and ("ZeRO-3" in msg or "FSDP" in msg) and "use " in msg and "weights: live" in msg
