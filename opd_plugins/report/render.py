@@ -22,7 +22,7 @@ GROUPS = ("opd", "teacher", "correction", "rollout", "token_weighting", "rewards
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
 KEY_SETTINGS = ("description", "plugins", "model.name_or_path", "model.dtype", "model.lora", "data.task",
                 "data.dataset", "data.eval_dataset", "data.train_size", "data.eval_size", "teacher", "divergence",
-                "advantage", "sampler", "rollout", "token_weighting", "objective.policy_gradient",
+                "advantage", "sampler", "prompt_selection", "rollout", "token_weighting", "objective.policy_gradient",
                 "objective.divergence", "objective.divergence_reward", "correction.mode", "evaluation.num_prompts",
                 "evaluation.temperature", "evaluation.samples_per_prompt", "evaluation.max_new_tokens", "seed")
 

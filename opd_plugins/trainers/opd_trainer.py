@@ -29,6 +29,7 @@ from opd_plugins.context import Rollouts, Sampling, SetupContext
 from opd_plugins.correction import combine_stats, divergence_weights, importance_weights, weight_advantages
 from opd_plugins.divergences.base import StudentOutputs
 from opd_plugins.errors import ModelLoadError, OPDError, TeacherError
+from opd_plugins.prompt_selection import build_selection_sampler
 from opd_plugins.samplers.base import ROLES, Guidance, SamplerFeedback
 from opd_plugins.teachers.base import CAPABILITY_ORDER, TeacherBatch, TeacherScores
 from opd_plugins.token_weighting.base import GenerationBatch
@@ -38,6 +39,7 @@ from opd_plugins.trainers.components import Components
 from opd_plugins.trainers.guards import check_finite_terms
 from opd_plugins.trainers.lookahead import DataLookahead
 from opd_plugins.trainers.opd_config import OPDConfig
+from opd_plugins.trainers.selection import detached, index_dataset, observe_batch
 from opd_plugins.trainers.step_state import StepState
 from opd_plugins.trainers.student import full_vocab_outputs, fused_outputs, loss_mask
 
@@ -64,7 +66,10 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         self.step = StepState()
         self._lookahead: DataLookahead | None = None
         self._synced_version: int | None = None
+        self._loader_selection: Any = None  # a copy for the look-ahead's dataloader (_lookahead_dataloader)
         _check_components(self.components)
+        if "train_dataset" in kwargs:  # rows say which dataset prompt they are (trainers.selection)
+            kwargs["train_dataset"] = index_dataset(kwargs["train_dataset"], self.components.prompt_selection)
         # Pure distillation needs no task reward, but TRL requires a reward source: give it a constant one and
         # leave advantages to the divergence.
         self._has_rewards = bool(kwargs.get("reward_funcs")) or kwargs.get("environment_factory") is not None
@@ -204,6 +209,25 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------
     # Prompts and rollout
     # ------------------------------------------------------------------------------------------------------
+    def _get_train_sampler(self, dataset=None):
+        """TRL's ``RepeatSampler`` structure, each chunk's prompts chosen by the ``prompt_selection`` component
+        (``uniform``: ``RepeatSampler``'s order, index for index)."""
+        return build_selection_sampler(
+            self._loader_selection if self._loader_selection is not None else self.components.prompt_selection,
+            dataset if dataset is not None else self.train_dataset, num_generations=self.num_generations,
+            generation_batch_size=self.args.generation_batch_size, num_iterations=self.num_iterations,
+            steps_per_generation=self.args.steps_per_generation, seed=self.args.seed, shuffle=self.shuffle_dataset,
+            step_fn=lambda: self.state.global_step)
+
+    def _lookahead_dataloader(self) -> Any:
+        """A second training dataloader over the same data order, its sampler walking a copy of the prompt selection
+        (reading ahead draws nothing from the run's)."""
+        self._loader_selection = detached(self.components.prompt_selection)
+        try:
+            return self.get_train_dataloader()
+        finally:
+            self._loader_selection = None
+
     def _generate(self, prompts: list):
         rows = self.step.rows if self.step.rows is not None and len(self.step.rows) == len(prompts) \
             else [{} for _ in prompts]
@@ -327,7 +351,7 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
             return
         if self._lookahead is None:
             repeats = self.num_iterations * self.args.steps_per_generation
-            self._lookahead = DataLookahead(self.get_train_dataloader, repeats,
+            self._lookahead = DataLookahead(self._lookahead_dataloader, repeats,
                                             max_search=len(self.train_dataset) + 2)
         batches = []
         for upcoming in self._lookahead.after(list(rows), ahead):
@@ -414,6 +438,13 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
             versions = [self.state.global_step] * mask.shape[0]
         out.setdefault("policy_version", torch.tensor(versions, device=mask.device))
         out["advantages"] = self.compute_advantages(out, inputs, scores, mask)
+        if self._mode() == "train":  # the batch's prompts and total rewards, the same on every rank
+            from accelerate.utils import gather_object
+
+            for key, value in observe_batch(self.components.prompt_selection, inputs, self.step.global_rewards,
+                                            self.num_generations, self.state.global_step,
+                                            gather_object if self.accelerator.num_processes > 1 else None).items():
+                self._log(key, value)
         self.prepare_token_weightings(out, scores)
         shape = tuple(out["advantages"].shape)
         self.pm.call("opd_modify_advantages", trainer=self, batch=out, advantages=out["advantages"])
