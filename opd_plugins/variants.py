@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from opd_plugins.recipe.schema import Recipe
 
 SECTIONS: tuple[str, ...] = ("teacher", "divergence", "advantage", "sampler", "prompt_selection", "rollout",
-                             "token_weighting", "objective", "correction")
+                             "token_weighting", "objective", "correction", "diagnostics")
 """Recipe sections a variant may use (``model``, ``data``, ``trainer``, ``evaluation`` and ``output_dir`` are
 every variant's)."""
 

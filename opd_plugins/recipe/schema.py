@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from opd_plugins.components import ComponentSpec, Strict, as_schedule_spec
 from opd_plugins.correction import CorrectionSpec
+from opd_plugins.diagnostics import DiagnosticsSpec
 
 SLOT_KINDS: dict[str, str] = {
     "teacher": "teacher",
@@ -177,6 +178,9 @@ class Recipe(Strict):
     correction: CorrectionSpec = Field(default_factory=CorrectionSpec, description=(
         "Rollout-mismatch correction: a preset (tis, mis, icepop, none), {preset: ..., <field overrides>}, or "
         "{mode, clip_max, clip_min}. See docs/correction.md."))
+    diagnostics: DiagnosticsSpec = Field(default_factory=DiagnosticsSpec, description=(
+        "The diag/* metrics: {every, topk}; every > 0 adds the gradient cosine of the two loss terms. See "
+        "docs/components.md#diagnostics."))
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     output_dir: str = Field(description="The run directory (created; `~` is expanded).")
     seed: int = 0

@@ -43,7 +43,8 @@ RESUME_SAFE_KEYS = frozenset({
 })
 """Recipe keys a resumed run may change without ``--allow-recipe-change``: how long it runs, how it logs and
 saves, how the teacher is reached. Anything else (model, data, components, objective, learning rate, ...)
-changes what is trained. ``evaluation.*`` may change too (it measures the run, it does not train it)."""
+changes what is trained. ``evaluation.*`` and ``diagnostics.*`` may change too (they measure the run, they do not
+train it)."""
 
 METRICS_SUPERSEDED = "metrics_superseded.jsonl"
 """Where a resumed run moves the metrics rows logged after the checkpoint it resumed from."""
@@ -192,7 +193,7 @@ def _int(value: Any) -> int | None:
 
 def recipe_changes(out: Path, recipe: Recipe) -> list[str]:
     """``key: old -> new`` for every setting in which ``recipe`` differs from the one ``out`` was last started
-    with (its ``recipe.yaml``), leaving out :data:`RESUME_SAFE_KEYS` and ``evaluation.*``."""
+    with (its ``recipe.yaml``), leaving out :data:`RESUME_SAFE_KEYS`, ``evaluation.*`` and ``diagnostics.*``."""
     path = out / "recipe.yaml"
     if not path.is_file():
         return []
@@ -203,7 +204,8 @@ def recipe_changes(out: Path, recipe: Recipe) -> list[str]:
     before, after = _flatten(old), _flatten(redact(recipe.model_dump(mode="json")))
     lines = []
     for key in sorted(set(before) | set(after)):
-        if key in RESUME_SAFE_KEYS or key.startswith("evaluation.") or before.get(key) == after.get(key):
+        measures = key.startswith(("evaluation.", "diagnostics."))
+        if key in RESUME_SAFE_KEYS or measures or before.get(key) == after.get(key):
             continue
         lines.append(f"{key}: {_show(before, key)} -> {_show(after, key)}")
     return lines

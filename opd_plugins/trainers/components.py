@@ -32,11 +32,14 @@ class Components:
     div_reward_weight: Any = field(default_factory=lambda: _constant(0.0))
     div_reward_to_go: bool = False  # add Σ_{t'≥t} d_t' instead of d_t (objective.divergence_reward_to_go)
     correction: Any = None  # a CorrectionSpec, or anything CorrectionSpec.model_validate takes ("tis", {...})
+    diagnostics: Any = None  # a DiagnosticsSpec, or its fields as a dict ({"every": 10}); None: the defaults
 
     def __post_init__(self) -> None:
         from opd_plugins.correction import CorrectionSpec
+        from opd_plugins.diagnostics import DiagnosticsSpec
 
         self.correction = CorrectionSpec.model_validate(self.correction)
+        self.diagnostics = DiagnosticsSpec.model_validate(self.diagnostics or {})
         if self.advantage is None:
             from opd_plugins.advantages import GRPOAdvantage
 
@@ -73,7 +76,7 @@ class Components:
                  "div_weight": "schedule", "div_reward_weight": "schedule"}
         resolved: dict[str, Any] = {}
         for slot, value in slots.items():
-            if slot in ("correction", "div_reward_to_go"):
+            if slot in ("correction", "diagnostics", "div_reward_to_go"):
                 resolved[slot] = value
             elif slot == "token_weighting":
                 resolved[slot] = [_resolve(pm, "token_weighting", v) for v in value]
@@ -82,8 +85,8 @@ class Components:
                     value = ("constant", {"value": float(value)})
                 resolved[slot] = _resolve(pm, kinds[slot], value)
             else:
-                raise TypeError(f"unknown component slot {slot!r}; slots are "
-                                f"{', '.join([*kinds, 'token_weighting', 'correction', 'div_reward_to_go'])}")
+                extra = ["token_weighting", "correction", "diagnostics", "div_reward_to_go"]
+                raise TypeError(f"unknown component slot {slot!r}; slots are {', '.join([*kinds, *extra])}")
         return cls(**resolved)
 
     @classmethod
@@ -97,7 +100,7 @@ class Components:
                      "div_weight", "div_reward_weight")
             return cls(**{k: built[k] for k in names if k in built},
                        token_weighting=list(built.get("token_weighting", [])), correction=recipe.correction,
-                       div_reward_to_go=recipe.objective.divergence_reward_to_go)
+                       diagnostics=recipe.diagnostics, div_reward_to_go=recipe.objective.divergence_reward_to_go)
         spec = lambda s: None if s is None else (s.name, s.params)  # noqa: E731
         return cls.build(
             pm,
@@ -106,7 +109,7 @@ class Components:
             token_weighting=[spec(s) for s in recipe.token_weighting],
             pg_weight=spec(recipe.objective.policy_gradient), div_weight=spec(recipe.objective.divergence),
             div_reward_weight=spec(recipe.objective.divergence_reward), correction=recipe.correction,
-            div_reward_to_go=recipe.objective.divergence_reward_to_go,
+            diagnostics=recipe.diagnostics, div_reward_to_go=recipe.objective.divergence_reward_to_go,
         )
 
     def named(self) -> dict[str, Component]:

@@ -36,6 +36,7 @@ from opd_plugins.token_weighting.base import GenerationBatch
 from opd_plugins.trainers import guided as guide
 from opd_plugins.trainers.checkpointing import HookedTrainerMixin
 from opd_plugins.trainers.components import Components
+from opd_plugins.trainers.diagnostics import StepDiagnostics
 from opd_plugins.trainers.guards import check_finite_terms
 from opd_plugins.trainers.lookahead import DataLookahead
 from opd_plugins.trainers.opd_config import OPDConfig
@@ -86,6 +87,9 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
             raise OPDError("correction is set but TRL's own vLLM importance-sampling correction is also on, which "
                            "would weight every token twice; set vllm_importance_sampling_correction=False")
         self.teacher_at_loss = self._resolve_teacher_scoring()
+        StepDiagnostics.check(self.components.diagnostics, self.components, self.sharding(), self.args)
+        self.diagnostics = StepDiagnostics(self.components.diagnostics,
+                                           lambda t: self.accelerator.reduce(t, reduction="sum"), self._log)
         ctx = self.setup_context()
         self.components.rollout.setup(ctx)
         self.components.sampler.setup(ctx)
@@ -664,6 +668,8 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
             self.drop_rows(out, ~excluded.to(device))
             mask = loss_mask(out)
             self._log("opd/excluded_completion_frac", float(excluded.float().mean()))
+        if self._has_rewards and self._needs_teacher():  # diag/order_discordant_frac: the groups' rewards
+            self.diagnostics.start_generation_batch(mode, out, rewards, local, num_gen)
         if self._has_rewards:
             degenerate = degenerate_groups(rewards, num_gen)
             self._log("opd/degenerate_group_frac", len(degenerate) / max(rewards.numel() // num_gen, 1))
@@ -792,7 +798,7 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
             if swap is not None:  # their policy gradient is the sampler's shaped term, not TRL's clipped ratio
                 keep = (~swap).to(advantages.dtype)
                 inputs = {**inputs, "advantages": advantages * (keep if advantages.dim() == 1 else keep.unsqueeze(1))}
-            self.step.capture = w_div != 0 or guided
+            self.step.capture = w_div != 0 or guided or TeacherScores.from_batch(inputs) is not None
             pg = super()._compute_loss(model, inputs)
             self.step.capture = False
             terms["policy_gradient"] = w_pg * pg
@@ -803,6 +809,7 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
                 for key, value in stats.items():
                     self._log(f"sampler/{key}", value)
             if w_div == 0:
+                self.diagnose_without_divergence(inputs)
                 self.step.captured_logps = None
         if w_div != 0:
             terms["divergence"] = w_div * self.divergence_loss(model, inputs)
@@ -818,6 +825,8 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
                 terms[name] = value
                 self._log(f"opd/loss/{name}", float(value.detach()))
         check_finite_terms(terms, self.state.global_step + 1)  # a NaN term stops the run here, naming the term
+        if self.diagnostics.grad_cosine_due(self._mode(), self.state.global_step, terms):
+            self.diagnostics.grad_cosine(model, terms, self.state.global_step)
         for result in self.pm.call("opd_step_metrics", trainer=self, inputs=inputs, mode=self._mode()):
             for name, value in (result or {}).items():
                 self._log(name, value)
@@ -852,7 +861,17 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         loss = (terms.loss * weights * mask).sum() / self._token_normalizer(inputs)
         stats = self.accelerator.reduce(torch.stack([(terms.value * mask).sum(), mask.sum()]).detach(), reduction="sum")
         self._log("opd/divergence", float(stats[0] / stats[1].clamp(min=1)))
+        self.diagnostics.record(self._mode(), inputs, teacher, student.token_logps, mask, student.logits)
         return loss
+
+    def diagnose_without_divergence(self, inputs: dict[str, Any]) -> None:
+        """The ``diag/*`` metrics of a micro-batch without a divergence term whose teacher scores feed the
+        advantages: the teacher's own statistics, and the order statistic from the policy-gradient forward's
+        token log-probs (captured in training only). No student logits, so no agreement or overlap."""
+        teacher = TeacherScores.from_batch(inputs)
+        if teacher is not None:
+            self.diagnostics.record(self._mode(), inputs, teacher, self.step.captured_logps,
+                                    loss_mask(inputs) * teacher.mask)
 
     # ------------------------------------------------------------------------------------------------------
     # Checkpoints: written to a staging directory, then published by an atomic rename (HookedTrainerMixin)

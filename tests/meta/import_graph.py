@@ -24,6 +24,7 @@ PACKAGE = "opd_plugins"
 FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core", ("opd_plugins", "opd_plugins.markers", "opd_plugins.errors", "opd_plugins.components",
               "opd_plugins.registry", "opd_plugins.hookspecs", "opd_plugins.manager", "opd_plugins.correction",
+              "opd_plugins.diagnostics",
               "opd_plugins.paths", "opd_plugins.variants", "opd_plugins.context", "opd_plugins.collective",
               "opd_plugins.reveal")),
     ("recipe", ("opd_plugins.recipe",)),
