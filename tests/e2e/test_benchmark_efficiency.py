@@ -1,0 +1,150 @@
+"""benchmarks/efficiency.py: ``--quick`` end to end (every arm, the JSON, equal token budgets; never an accuracy), the
+token counter against TRL's own completion lengths, the teacher's cache and merge, and the tokens-to-reach rule."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.benchmarks import check_arms, quick, run, table_rows
+
+import _arms  # benchmarks/, on sys.path through helpers.benchmarks
+import efficiency
+
+ARMS = ["grpo", "opd", "opd_dense", "opsd", "kdrl"]
+
+
+def test_quick_runs_every_arm_to_the_same_budget(tmp_path):
+    proc, r = quick("efficiency.py", tmp_path)
+    check_arms(r, ARMS)
+    assert {"task", "teacher"} <= set(r)
+    assert r["teacher"]["trained_now"] and Path(r["teacher"]["path"]).name == "merged"
+    assert r["teacher"]["n"] == r["settings"]["eval_n"]
+    for name, arm in r["arms"].items():
+        assert arm["overrides"] == list(efficiency.arms(r["teacher"]["path"], [name])[0].overrides)
+    assert all(set(row) >= {"accuracy", "se", "tokens_used", "tokens_to_grpo_final", "grpo_tokens_over_arm_tokens"}
+               for row in r["table"])
+    header, arms = table_rows(proc.stdout)
+    assert header == ["arm", "final accuracy ± SE", "tokens used", "tokens to GRPO's final accuracy",
+                      "GRPO tokens / arm tokens"]
+    assert arms == ARMS
+    assert "[efficiency] opd seed 0:" in proc.stderr  # progress lines
+
+
+def test_student_tokens_equal_trls_completion_lengths(tmp_path, opd_tokenizer):
+    """The counter's total over a run equals the completion lengths TRL logs for every generation batch."""
+    from helpers.tiny import prompt_dataset
+
+    from opd_plugins.manager import get_plugin_manager
+    from opd_plugins.testing import build_tiny_model
+    from opd_plugins.trainers import Components, OPDConfig, OPDTrainer
+
+    pm = get_plugin_manager(entrypoints=False)
+    counter = _arms.StudentTokens()
+    pm.register(counter, name="counter")
+    pm.check_hooks()
+    args = OPDConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, num_generations=2,
+                     max_completion_length=8, logging_steps=1, report_to="none", save_strategy="no", bf16=False,
+                     use_cpu=True, disable_tqdm=True, temperature=1.0)
+    model = build_tiny_model(opd_tokenizer, seed=0)
+    model.generation_config.eos_token_id = [opd_tokenizer.eos_token_id, *opd_tokenizer.convert_tokens_to_ids(["7"])]
+    tr = OPDTrainer(model=model, args=args, components=Components.build(pg_weight=1.0), plugin_manager=pm,
+                    reward_funcs=[lambda completions, **kw: [float(i % 2) for i in range(len(completions))]],
+                    train_dataset=prompt_dataset(), processing_class=opd_tokenizer)
+    tr.train()
+    lengths = [h["completions/mean_length"] * 4 for h in tr.state.log_history if "completions/mean_length" in h]
+    assert len(lengths) == 4 == counter.batches and counter.rollouts == 16
+    assert counter.tokens == round(sum(lengths)) and counter.tokens < 16 * 8  # some stop early, at "7"
+    assert counter.groups == 8 and counter.non_degenerate == 8  # rewards 0, 1 in every group of two
+
+
+def test_tokens_to_reach_interpolates_between_checkpoints():
+    curve = [{"tokens": 0, "accuracy": 0.1}, {"tokens": 100, "accuracy": 0.2}, {"tokens": 200, "accuracy": 0.4},
+             {"tokens": 300, "accuracy": 0.3}]
+    assert _arms.tokens_to_reach(curve, 0.3) == pytest.approx(150.0)  # 100 + (0.3 - 0.2) / (0.4 - 0.2) * 100
+    assert _arms.tokens_to_reach(curve, 0.4) == 200.0
+    assert _arms.tokens_to_reach(curve, 0.05) == 0.0  # reached before training
+    assert _arms.tokens_to_reach(curve, 0.5) is None
+    rows = efficiency.table({"grpo": {"summary": _arms_summary(curve)},
+                             "opd": {"summary": _arms_summary([{"tokens": 0, "accuracy": 0.1},
+                                                               {"tokens": 100, "accuracy": 0.5}])}})
+    grpo, opd = rows
+    assert grpo["tokens_to_grpo_final"] == pytest.approx(150.0) and grpo["grpo_tokens_over_arm_tokens"] == 1.0
+    assert opd["tokens_to_grpo_final"] == pytest.approx(50.0)
+    assert opd["grpo_tokens_over_arm_tokens"] == pytest.approx(3.0)
+
+
+def _arms_summary(curve):
+    return {"curve": curve, "final": {**curve[-1], "se": 0.0}, "se_over": "seeds"}
+
+
+def test_summary_means_and_standard_errors_over_seeds():
+    def run(acc, tokens):
+        return {"tokens": tokens, "non_degenerate_share": 0.5, "guided_share": 0.0,
+                "checkpoints": [{"tokens": 0, "accuracy": 0.1, "stderr": 0.02}, {"tokens": tokens, "accuracy": acc,
+                                                                                   "stderr": 0.03}]}
+
+    one = _arms.summarize([run(0.3, 100)])
+    assert one["final"]["se"] == 0.03 and one["se_over"] == "prompts (binomial)"
+    three = _arms.summarize([run(0.2, 100), run(0.3, 104), run(0.7, 102)])
+    assert three["final"]["accuracy"] == pytest.approx(0.4) and three["final"]["tokens"] == pytest.approx(102)
+    assert three["final"]["se"] == pytest.approx((((0.2 - 0.4) ** 2 + 0.1**2 + 0.3**2) / 2) ** 0.5 / 3**0.5)
+    assert three["curve"][0]["se"] == 0.0
+
+
+def test_teacher_is_trained_once_and_cached_by_recipe(tmp_path):
+    """A second call reuses the cached teacher; a changed recipe trains another; what is cached is a plain merged
+    checkpoint of the run's adapter."""
+    _, tiny = _arms.tiny_models(tmp_path)
+    over = [f"model.name_or_path={tiny}", *_arms.QUICK_TRAINER, "data.train_size=8", "trainer.args.max_steps=1"]
+    cache = tmp_path / "cache"
+    first = efficiency.ensure_teacher(efficiency.TEACHER_RECIPE, over, cache, retrain=False)
+    again = efficiency.ensure_teacher(efficiency.TEACHER_RECIPE, over, cache, retrain=False)
+    assert first["trained_now"] and not again["trained_now"] and again["path"] == first["path"]
+    assert again["steps"] == 1
+    evaluation_only = efficiency.ensure_teacher(efficiency.TEACHER_RECIPE, [*over, "evaluation.num_prompts=3"], cache,
+                                                retrain=False)
+    assert not evaluation_only["trained_now"]  # evaluation settings do not change what is trained
+    other = efficiency.ensure_teacher(efficiency.TEACHER_RECIPE, [*over, "trainer.args.learning_rate=0.01"], cache,
+                                      retrain=False)
+    assert other["trained_now"] and other["key"] != first["key"]
+    merged = Path(first["path"])
+    assert (merged / efficiency.MERGED_MARKER).is_file() and not (merged / "adapter_config.json").exists()
+    assert (merged.parent / "run" / "final" / "adapter_config.json").is_file()
+
+
+def test_merged_teacher_computes_what_base_plus_adapter_computes(tmp_path):
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from opd_plugins.models import load_causal_lm
+
+    _, tiny = _arms.tiny_models(tmp_path)
+    peft = get_peft_model(load_causal_lm(str(tiny)), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.2)  # a trained-looking adapter (B = 0 would be the identity)
+    peft.save_pretrained(tmp_path / "final")
+    efficiency.merge_into(SimpleNamespace(model=SimpleNamespace(name_or_path=str(tiny), dtype="float32")),
+                          tmp_path / "final", tmp_path / "merged")
+    ids = torch.tensor([[5, 9, 17, 33, 2, 41]])
+    merged = load_causal_lm(str(tmp_path / "merged")).eval()
+    with_adapter = PeftModel.from_pretrained(load_causal_lm(str(tiny)), str(tmp_path / "final")).eval()
+    with torch.no_grad():
+        got, want, base = merged(ids).logits, with_adapter(ids).logits, load_causal_lm(str(tiny))(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - base).abs().max() > 1e-3
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+
+
+def test_probe_measures_every_candidate_task(tmp_path):
+    run("efficiency.py", tmp_path, "--quick", "--probe", "--out", str(tmp_path / "efficiency.json"))
+    rows = json.loads((tmp_path / "efficiency_probe.json").read_text())["rows"]
+    assert [(r["op"], r["digits"]) for r in rows] == list(efficiency.PROBES)
+    assert all(r["n"] == 8 and r["in_band"] == (0.1 <= r["accuracy"] <= 0.4) for r in rows)
+    # one-digit multiplication has too few held-out problems to be the benchmark's task (n >= 200)
+    assert [r["held_out_problems"] for r in rows] == [None, None, 16, None]
+    assert not (tmp_path / "efficiency.json").exists()
