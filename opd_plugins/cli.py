@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
                        description="Validate RECIPE (with dotted overrides) and report every problem. Loads no model.")
     v.add_argument("recipe", help="path to a recipe YAML file")
     v.add_argument("overrides", nargs="*", help="dotted overrides, e.g. teacher.params.top_k=32")
+    v.add_argument("--accelerate-config", metavar="FILE",
+                   help="also check the recipe against this accelerate config (engine, number of processes), as "
+                        "`accelerate launch --config_file FILE` would run it")
 
     ls = sub.add_parser("list", help="list registered components", description="List components grouped by kind.")
     ls.add_argument("--json", action="store_true", help='print {kind: [{"name", "plugin", "dist", "doc"}]}')
@@ -75,13 +78,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from opd_plugins.recipe import load_recipe
     from opd_plugins.recipe.loader import device_problems
 
-    recipe, pm = load_recipe(args.recipe, args.overrides, device_check=False)
+    launch = None
+    if getattr(args, "accelerate_config", None):
+        from opd_plugins.recipe.launch import launch_from_accelerate_config
+
+        launch = launch_from_accelerate_config(args.accelerate_config)
+    recipe, pm = load_recipe(args.recipe, args.overrides, device_check=False, launch=launch)
     for note in recipe.notes:
         print(f"note: {note}", file=sys.stderr)
     for note in device_problems(recipe):
         print(f"note: {note} (train will refuse to start on this machine)", file=sys.stderr)
     variant = pm.registry.build("trainer", recipe.trainer.name)
     print(f"{args.recipe}: valid ({variant.summary(recipe)}; output_dir={recipe.output_dir})")
+    if launch is not None:
+        print(f"  under {launch.source}: {launch.engine}, {launch.world_size} process(es)")
     return 0
 
 

@@ -118,6 +118,14 @@ class Component:
         Default: none."""
         return []
 
+    def engine_problems(self, sharding: str, *, lora: bool) -> list[tuple[str, str]]:
+        """Settings of this component it cannot honour when the student's parameters are laid out as ``sharding``
+        (``none``, ``ddp``, ``fsdp``, ``deepspeed_zero3``; see :class:`~opd_plugins.context.SetupContext`), as
+        ``(key path below params, reason with the alternative)``; ``lora``: the student is a LoRA model. ``train``
+        refuses them before any model loads (from the launch's accelerate settings); :meth:`setup` may refuse the
+        same with ``ctx.sharding``. Default: none."""
+        return []
+
     def gpu_problems(self) -> list[tuple[str, str]]:
         """Settings of this component that need a CUDA GPU, as ``(key path below params, reason)``; validation
         reports them on a machine without one (``validate`` as notes, ``train`` as errors). Default: none."""

@@ -74,6 +74,14 @@ class Divergence(Component):
 
     kind: ClassVar[str] = "divergence"
 
+    def engine_problems(self, sharding: str, *, lora: bool) -> list[tuple[str, str]]:
+        if getattr(self.params, "fused_lm_head", False) and sharding == "deepspeed_zero3":
+            return [("fused_lm_head", f"divergence {self.name!r}: fused_lm_head reads the lm head's weight outside "
+                                      "its forward, which DeepSpeed ZeRO-3 partitions; set fused_lm_head: false "
+                                      "(the chunked computation, chunk_size) or launch with FSDP2 "
+                                      "(recipes/accelerate/fsdp2.yaml), where the head is gathered")]
+        return []
+
     def requires(self) -> Capability:
         return "sampled"
 

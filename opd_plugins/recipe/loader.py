@@ -17,7 +17,8 @@ from pydantic import ValidationError
 from opd_plugins.errors import OPDError, PluginLoadError, Problem, RecipeError, did_you_mean, fields_at, pydantic_problems
 from opd_plugins.recipe import yaml_io
 from opd_plugins.recipe.preference import legacy_rewrite
-from opd_plugins.recipe.rules import GENERIC_RULES, RecipeContext, device_problems, device_rule
+from opd_plugins.recipe.launch import Launch, launch_from_env
+from opd_plugins.recipe.rules import GENERIC_RULES, RecipeContext, device_problems, device_rule, launch_rule
 from opd_plugins.recipe.schema import Recipe
 
 SECRET_WORDS = ("api_key", "apikey", "token", "secret", "password", "authorization")
@@ -131,12 +132,15 @@ _fields_at = fields_at
 
 
 def validate_recipe(raw: dict[str, Any], source: str = "<recipe>", pm: Any = None,
-                    origins: dict[str, str] | None = None, device_check: bool = True) -> tuple[Recipe, Any]:
+                    origins: dict[str, str] | None = None, device_check: bool = True,
+                    launch: Launch | None = None) -> tuple[Recipe, Any]:
     """Validate a recipe mapping; returns ``(Recipe, plugin manager)`` or raises :class:`RecipeError`.
 
     The recipe's components are built here, once, through the registry (``recipe.components``), and the run uses
     them. ``device_check`` also rejects GPU-only options when this machine has no GPU (``train`` does this;
-    ``validate`` reports them as notes instead, so GPU recipes can be checked anywhere).
+    ``validate`` reports them as notes instead, so GPU recipes can be checked anywhere), and checks the recipe
+    against this process's distributed launch (``launch``, default: read from the environment accelerate sets).
+    ``launch`` given: check against that launch (``validate --accelerate-config``).
     """
     from opd_plugins.manager import disabled_plugins, get_plugin_manager
 
@@ -181,12 +185,16 @@ def validate_recipe(raw: dict[str, Any], source: str = "<recipe>", pm: Any = Non
 
     ctx = None
     if registry is not None:
-        ctx = RecipeContext(_sections(raw, recipe), registry, recipe_plugins=recipe_plugins, device_check=device_check)
+        if launch is None and device_check:
+            launch = launch_from_env()
+        ctx = RecipeContext(_sections(raw, recipe), registry, recipe_plugins=recipe_plugins, device_check=device_check,
+                            launch=launch)
         for rule in GENERIC_RULES:
             problems += rule(ctx)
         if ctx.variant is not None:
             problems += ctx.variant.recipe_problems(ctx)
         problems += device_rule(ctx)
+        problems += launch_rule(ctx)
 
     if problems:
         if origins:
@@ -232,14 +240,14 @@ def _sections(raw: dict[str, Any], recipe: Recipe | None) -> _Sections:
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, pm: Any = None,
-                device_check: bool = True) -> tuple[Recipe, Any]:
+                device_check: bool = True, launch: Launch | None = None) -> tuple[Recipe, Any]:
     """Read, override and validate a recipe file. Raises :class:`RecipeError` listing every problem."""
     raw = read_yaml(path)
     try:
         raw, origins = apply_overrides(raw, list(overrides or []))
     except RecipeError as exc:
         raise RecipeError(exc.problems, str(path)) from None
-    return validate_recipe(raw, str(path), pm=pm, origins=origins, device_check=device_check)
+    return validate_recipe(raw, str(path), pm=pm, origins=origins, device_check=device_check, launch=launch)
 
 
 def redact(obj: Any) -> Any:

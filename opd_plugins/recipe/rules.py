@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from opd_plugins.components import ComponentSpec
 from opd_plugins.errors import Problem, pydantic_problems
+from opd_plugins.recipe.launch import Launch, engine_arg_problems, engine_component_problems
 from opd_plugins.recipe.references import check_model_reference
 from opd_plugins.recipe.schema import SLOT_KINDS, DatasetSource, ObjectiveSpec
 from opd_plugins.variants import TrainerVariant
@@ -40,6 +41,7 @@ class RecipeContext:
     recipe_plugins: list[tuple[int, Any]] = field(default_factory=list)
     built: dict[str, Any] = field(default_factory=dict)
     device_check: bool = True
+    launch: Launch | None = None  # the distributed launch to check against (train: this process's); None: not checked
 
     @property
     def invalid(self) -> set[str]:
@@ -179,6 +181,15 @@ def hooks_rule(ctx: RecipeContext) -> list[Problem]:
     return problems
 
 
+def launch_rule(ctx: RecipeContext) -> list[Problem]:
+    """``trainer.args`` engine settings and components that contradict the launch (accelerate's engine)."""
+    if ctx.launch is None:
+        return []
+    model = ctx.sections.model
+    lora = model is not None and getattr(model, "lora", None) is not None
+    return engine_arg_problems(ctx.args, ctx.launch) + engine_component_problems(ctx.built, ctx.launch, lora=lora)
+
+
 def device_rule(ctx: RecipeContext) -> list[Problem]:
     return device_problems(ctx.sections, ctx.built) if ctx.device_check else []
 
@@ -293,14 +304,24 @@ def batch_rule(ctx: RecipeContext) -> list[Problem]:
     per_device = args.get("per_device_train_batch_size", 8)
     ga = args.get("gradient_accumulation_steps", 1)
     spg = args.get("steps_per_generation") or ga
-    gen_batch = args.get("generation_batch_size") or (per_device * spg if isinstance(per_device, int) and
+    world = ctx.launch.world_size if ctx.launch is not None else 1
+    gen_batch = args.get("generation_batch_size") or (per_device * world * spg if isinstance(per_device, int) and
                                                       isinstance(spg, int) else None)
     problems = []
     if isinstance(num_gen, int) and isinstance(gen_batch, int) and num_gen > 0 and gen_batch % num_gen:
+        processes = f" × {world} processes ({ctx.launch.source})" if world > 1 else ""
         problems.append(Problem("trainer.args.num_generations", (
             f"num_generations={num_gen} does not divide the generation batch of {gen_batch} completions "
-            f"(per_device_train_batch_size={per_device} × steps_per_generation={spg}); set num_generations to a "
-            f"divisor of {gen_batch} or change the batch size")))
+            f"(per_device_train_batch_size={per_device}{processes} × steps_per_generation={spg}); set "
+            f"num_generations to a divisor of {gen_batch} or change the batch size"
+            f"{' or the number of processes' if world > 1 else ''}")))
+    global_batch = per_device * world if isinstance(per_device, int) else None
+    if args.get("generation_batch_size") and isinstance(global_batch, int) and global_batch > 0 \
+            and args["generation_batch_size"] % global_batch:
+        problems.append(Problem("trainer.args.generation_batch_size", (
+            f"generation_batch_size={args['generation_batch_size']} is not a multiple of the global batch "
+            f"{global_batch} (per_device_train_batch_size={per_device} × {world} process(es)); set it to a multiple "
+            "or set steps_per_generation instead")))
     adv = ctx.built.get("advantage")
     if adv is not None and isinstance(num_gen, int):
         if num_gen < adv.min_generations:

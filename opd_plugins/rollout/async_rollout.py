@@ -80,11 +80,16 @@ class AsyncRollout(RolloutBackend):
     def example_params(cls) -> Params:
         return cls.Params(max_staleness=1, ahead=1)
 
+    def engine_problems(self, sharding: str, *, lora: bool) -> list[tuple[str, str]]:
+        if sharding in ("fsdp", "deepspeed_zero3"):
+            return [("", f"rollout 'async' samples from a whole copy of the policy, so it does not support "
+                         f"{sharding}; use one process or DDP (recipes/accelerate/ddp.yaml)")]
+        return []
+
     # ------------------------------------------------------------------------------------------------------
     def setup(self, ctx: SetupContext) -> None:
-        if ctx.sharded:
-            raise OPDError(f"rollout 'async' samples from a whole copy of the policy, so it does not support "
-                           f"{ctx.sharding}; use one process or DDP")
+        for _, message in self.engine_problems(ctx.sharding, lora=False):
+            raise OPDError(message)
         self.inner.setup(ctx)
         if getattr(self.inner, "behaviour_model", None) is None:
             raise OPDError(f"rollout 'async' generates in a background thread, so its backend must sample from its "

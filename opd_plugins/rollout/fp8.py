@@ -101,9 +101,15 @@ class FP8Rollout(RolloutBackend):
         problems = self.problems()
         if problems:
             raise OPDError("rollout 'fp8': " + "; ".join(f"params.{k}: {m}" for k, m in problems))
-        if ctx.sharded:
-            raise OPDError(f"rollout 'fp8' quantizes whole weight matrices, so it does not support {ctx.sharding}, "
-                           "whose weights are sharded; use it on one process or with DDP")
+        for _, message in self.engine_problems(ctx.sharding, lora=False):
+            raise OPDError(message)
+
+    def engine_problems(self, sharding: str, *, lora: bool) -> list[tuple[str, str]]:
+        if sharding in ("fsdp", "deepspeed_zero3"):
+            return [("", f"rollout 'fp8' quantizes whole weight matrices, so it does not support {sharding}, whose "
+                         "weights are sharded; use it on one process or with DDP (recipes/accelerate/ddp.yaml), or "
+                         "FP8 rollouts from a vLLM server (rollout: vllm, docs/fp8.md)")]
+        return []
 
     def _plan(self, model: Any) -> dict[str, Any]:
         """The live model's Linear layers to quantize, by their name in the merged (adapter-free) model."""

@@ -59,11 +59,16 @@ class PerturbedHFGenerate(RolloutBackend):
     def example_params(cls) -> Params:
         return cls.Params(noise_std=0.02, temperature_shift=0.1)
 
+    def engine_problems(self, sharding: str, *, lora: bool) -> list[tuple[str, str]]:
+        if sharding in ("fsdp", "deepspeed_zero3"):
+            return [("", f"rollout 'perturbed_hf' copies the whole model, so it does not support {sharding}, whose "
+                         "weights are sharded; use it on one process or with DDP (recipes/accelerate/ddp.yaml)")]
+        return []
+
     # ------------------------------------------------------------------------------------------------------
     def setup(self, ctx: SetupContext) -> None:
-        if ctx.sharded:
-            raise OPDError(f"rollout 'perturbed_hf' copies the whole model, so it does not support {ctx.sharding}, "
-                           "whose weights are sharded; use it on one process or with DDP")
+        for _, message in self.engine_problems(ctx.sharding, lora=False):
+            raise OPDError(message)
         self._ctx = ctx
         self.sync_weights(ctx.model, ctx.step)
 

@@ -54,6 +54,17 @@ class HFModelTeacher(Teacher):
     def example_params(cls) -> Params:
         return cls.Params(model="tiny-teacher")  # the contract suite points this at a tiny local model
 
+    def engine_problems(self, sharding: str, *, lora: bool) -> list[tuple[str, str]]:
+        p = self.params
+        if p.placement == "shard" and sharding not in ("fsdp", "deepspeed_zero3"):
+            return [("placement", f"teacher hf_model: placement: shard shards the teacher with the student's engine, "
+                                  f"but the student is not sharded here ({sharding}); launch with an FSDP2 or ZeRO-3 "
+                                  "accelerate config (recipes/accelerate/), or use placement: replicate")]
+        if p.placement == "shard" and (p.quantization or p.device):
+            return [("placement", "teacher hf_model: placement: shard cannot be combined with "
+                                  f"{'quantization' if p.quantization else 'device'}; use placement: replicate")]
+        return []
+
     def gpu_problems(self) -> list[tuple[str, str]]:
         """Settings that need a CUDA GPU, as ``(param, reason)`` (validation checks them on machines without one)."""
         p, out = self.params, []
@@ -68,6 +79,8 @@ class HFModelTeacher(Teacher):
         from opd_plugins.models import check_vocab_compatible, load_causal_lm, load_tokenizer, resolve_model_path
 
         p = self.params
+        for _, message in self.engine_problems(ctx.sharding, lora=False):
+            raise OPDError(message)  # before the teacher loads
         path = resolve_model_path(p.model)
         teacher_tok = load_tokenizer(path, trust_remote_code=p.trust_remote_code)
         self.model = load_causal_lm(path, dtype=p.dtype, trust_remote_code=p.trust_remote_code,
@@ -84,12 +97,8 @@ class HFModelTeacher(Teacher):
                                            and not p.quantization)
         if shard:
             if ctx.shard_frozen is None:
-                raise OPDError(f"teacher hf_model: placement: shard shards the teacher with the student's engine, but "
-                               f"the student is not sharded here ({ctx.sharding}); launch with an FSDP2 or ZeRO-3 "
-                               "accelerate config, or use placement: replicate")
-            if p.quantization or p.device:
-                raise OPDError("teacher hf_model: placement: shard cannot be combined with "
-                               f"{'quantization' if p.quantization else 'device'}; use placement: replicate")
+                raise OPDError("teacher hf_model: placement: shard needs the trainer's sharding (ctx.shard_frozen), "
+                               "which this setup context does not give; use placement: replicate")
             self.model = ctx.shard_frozen(self.model)
         self.placement = "shard" if shard else "replicate"
 

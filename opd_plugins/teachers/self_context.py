@@ -131,6 +131,23 @@ class SelfContextTeacher(Teacher):
             cols.append(self.params.reveal_column)
         return tuple(dict.fromkeys(cols))
 
+    def engine_problems(self, sharding: str, *, lora: bool) -> list[tuple[str, str]]:
+        """The teacher's weights live beside the student's parameters and are copied in to score. FSDP2 shards both
+        alike (``initial`` works there); DeepSpeed ZeRO-3 partitions parameters outside its own forward, and an
+        EMA's sharded averages are not gathered into checkpoints yet."""
+        weights = self.params.weights
+        if not (weights == "ema" and sharding in ("fsdp", "deepspeed_zero3")
+                or weights == "initial" and not lora and sharding == "deepspeed_zero3"):
+            return []
+        engine = "DeepSpeed ZeRO-3" if sharding == "deepspeed_zero3" else "FSDP"
+        alternatives = ("LoRA (the initial teacher is the base with the adapter off), weights: live, ZeRO-2 or FSDP2"
+                        if weights == "initial" else "weights: initial (FSDP2, or LoRA), weights: live, or DDP / ZeRO-2")
+        what = "on a full fine-tune " if weights == "initial" else ""
+        return [("weights", f"teacher self_context: weights: {weights} {what}is not supported under {engine}, because "
+                            "each rank holds only a shard of the parameters"
+                            f"{' and an EMA of sharded weights is not checkpointed' if weights == 'ema' else ''}; "
+                            f"use {alternatives}")]
+
     def setup(self, ctx: SetupContext) -> None:
         """Bind to the run's student. With ``weights: ema`` the average starts at the current trainable parameters
         and is updated after every optimizer step (``ctx.on_optimizer_step``; without it, call :meth:`update_ema`)."""
@@ -138,13 +155,13 @@ class SelfContextTeacher(Teacher):
         self.temperature = self.params.temperature or ctx.temperature
         model = ctx.model
         who = "teacher self_context"
+        for _, message in self.engine_problems(ctx.sharding, lora=is_peft(model)):
+            raise OPDError(message)
         if self.params.weights == "initial" and not is_peft(model):
             # Full fine-tuning: a copy of the starting trainable weights, swapped in to score. (Not a deepcopy of
             # the model: TRL patches ``model.forward`` with a closure over the live model, which a copy would keep.)
-            _check_unsharded(ctx, "initial")
             self.shadow = ShadowWeights(model, who=who)
         if self.params.weights == "ema":
-            _check_unsharded(ctx, "ema")
             self.shadow = ShadowWeights(model, ema_decay=self.ema_decay, who=who)
             if ctx.on_optimizer_step is not None:
                 ctx.on_optimizer_step(self.update_ema)
@@ -272,18 +289,3 @@ class SelfContextTeacher(Teacher):
                 self._pending = {k: state[k] for k in own}
                 return
             self.shadow.load(ema, int(state.get("ema_updates", 0)))
-
-
-def _check_unsharded(ctx: SetupContext, weights: str) -> None:
-    """The teacher's weights live beside the student's parameters and are copied in to score. FSDP2 shards both
-    alike (``initial`` works there); DeepSpeed ZeRO-3 partitions parameters outside its own forward, and an EMA's
-    sharded averages are not gathered into checkpoints yet."""
-    if ctx.sharding == "deepspeed_zero3" or (ctx.sharded and weights == "ema"):
-        engine = "DeepSpeed ZeRO-3" if ctx.sharding == "deepspeed_zero3" else "FSDP"
-        alternatives = ("LoRA (the initial teacher is the base with the adapter off), weights: live, ZeRO-2 or FSDP2"
-                        if weights == "initial" else "weights: initial (FSDP2, or LoRA), weights: live, or DDP / ZeRO-2")
-        what = "on a full fine-tune " if weights == "initial" else ""
-        raise OPDError(f"teacher self_context: weights: {weights} {what}is not supported under {engine}, "
-                       f"because each rank holds only a shard of the parameters"
-                       f"{' and an EMA of sharded weights is not checkpointed' if weights == 'ema' else ''}; "
-                       f"use {alternatives}")
