@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from opd_plugins.components import ComponentSpec
+from opd_plugins.diagnostics import DiagnosticsSpec, hybrid_problem
 from opd_plugins.errors import Problem, pydantic_problems
 from opd_plugins.recipe.launch import Launch, engine_arg_problems, engine_component_problems
 from opd_plugins.recipe.references import check_model_reference
@@ -109,6 +110,8 @@ def slot_rule(ctx: RecipeContext) -> list[Problem]:
                 ctx.built[key] = component
     if s.correction is not None and s.correction.mode != "none" and not ctx.uses("correction"):
         problems.append(_unused(ctx, "correction"))
+    if s.diagnostics is not None and s.diagnostics != DiagnosticsSpec() and not ctx.uses("diagnostics"):
+        problems.append(_unused(ctx, "diagnostics"))
     return problems
 
 
@@ -412,8 +415,23 @@ def reward_to_go_rule(ctx: RecipeContext) -> list[Problem]:
     return []
 
 
+def diagnostics_rule(ctx: RecipeContext) -> list[Problem]:
+    """``diagnostics.every > 0`` (the gradient cosine of the divergence and policy-gradient terms) needs both terms:
+    a divergence, and objective weights that are both non-zero at some step."""
+    spec = ctx.sections.diagnostics
+    if spec is None or spec.every == 0:
+        return []
+    if ctx.sections.divergence is None:
+        return [Problem("diagnostics.every", f"{spec.every}: the gradient cosine compares the divergence term's "
+                        "gradient with the policy-gradient term's, but the recipe has no divergence; set a divergence "
+                        "and objective.divergence, or diagnostics.every: 0")]
+    pg, div = ctx.built.get("pg_weight"), ctx.built.get("div_weight")
+    problem = hybrid_problem(pg, div) if pg is not None and div is not None else None
+    return [Problem("diagnostics.every", f"{spec.every}: {problem}")] if problem else []
+
+
 ON_POLICY_RULES = (teacher_needed_rule, capability_rule, reward_rule, batch_rule, rollout_args_rule, pg_terms_rule,
-                   reward_to_go_rule, sampler_rule, async_rollout_rule)
+                   reward_to_go_rule, sampler_rule, async_rollout_rule, diagnostics_rule)
 
 
-__all__ = ["GENERIC_RULES", "ON_POLICY_RULES", "RecipeContext", "device_problems"]
+__all__ = ["GENERIC_RULES", "ON_POLICY_RULES", "RecipeContext", "device_problems", "launch_rule"]
