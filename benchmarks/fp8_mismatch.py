@@ -13,9 +13,10 @@ for ``format`` per_block (128x128) and per_channel. The model is float32 on CPU,
 
 Part 2, training (``--part train``): GRPO on the same task with LoRA (r 16), ``--steps`` steps of 2 prompts x 4
 completions each, for ``hf_generate`` (no FP8) and each flow with ``correction: none`` and ``tis`` (token TIS,
-C = 2); per run: the mean training reward over the first and the last half of the steps, the mean
-``correction/mismatch_kl``, the held-out greedy accuracy after training (the policy as trained: for ``unified``
-the quantized student), and the wall time. Short runs on a shared 2-core machine: indicative only.
+C = 2); per run: the mean training reward over the first and the last half of the steps, the mean completion
+length over the last half (``--max-new-tokens`` is the cap), the mean ``correction/mismatch_kl``, the held-out
+greedy accuracy after training (the policy as trained: for ``unified`` the quantized student), and the wall time.
+Short runs on a shared 2-core machine: indicative only.
 
     OMP_NUM_THREADS=2 python benchmarks/fp8_mismatch.py [--part both --prompts 48 --steps 10 --out fp8.json]
 """
@@ -171,9 +172,11 @@ def train_runs(args) -> dict:
         hist = tr.state.log_history
         rewards = [h["reward"] for h in hist if "reward" in h]
         kl = [h["correction/mismatch_kl"] for h in hist if "correction/mismatch_kl" in h]
+        lengths = [h["completions/mean_length"] for h in hist if "completions/mean_length" in h]
         half = max(len(rewards) // 2, 1)
         row = {"rollout": "hf_generate" if fmt is None else f"fp8 {flow}", "correction": correction,
                "reward_first_half": statistics.fmean(rewards[:half]), "reward_last_half": statistics.fmean(rewards[half:]),
+               "length_last_half": statistics.fmean(lengths[half:]),
                "mismatch_kl": statistics.fmean(kl) if kl else None, "accuracy_after": after["accuracy"],
                "accuracy_se": after.get("stderr"), "n": after["n"], "train_s": train_s,
                "seconds": time.monotonic() - t}
@@ -224,11 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\nbefore training: " + ", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})"
                                                 for k, v in runs["before"].items()))
         print(f"{'rollout':18s}{'correction':11s}{'reward 1st half':>16s}{'reward 2nd half':>16s}"
-              f"{'mismatch_kl':>12s}{'acc after':>10s}{'train s':>8s}")
+              f"{'length 2nd half':>16s}{'mismatch_kl':>12s}{'acc after':>10s}{'train s':>8s}")
         for r in runs["runs"]:
             print(f"{r['rollout']:18s}{r['correction']:11s}{fmt(r['reward_first_half']):>16s}"
-                  f"{fmt(r['reward_last_half']):>16s}{fmt(r['mismatch_kl']):>12s}{fmt(r['accuracy_after']):>10s}"
-                  f"{r['train_s']:8.0f}")
+                  f"{fmt(r['reward_last_half']):>16s}{r['length_last_half']:16.1f}{fmt(r['mismatch_kl']):>12s}"
+                  f"{fmt(r['accuracy_after']):>10s}{r['train_s']:8.0f}")
     result["total_s"] = time.monotonic() - t0
     print(f"total {result['total_s']:.0f} s")
     if args.out:
