@@ -30,7 +30,7 @@ divergence's per-token reward and the loss), on a tiny random model whose vocabu
 Qwen3's 151,936) with hidden size ``--hidden``: ``--ga`` micro-batches of ``--batch`` rows make a generation
 batch, completions are exactly ``--seq`` tokens, the teacher is the student with the hint in its context
 (``self_context``, initial weights), the divergence is ``--kind`` (full vocabulary) with ``objective:
-{policy_gradient: 1, divergence: 1, divergence_reward: 1}``. Variants: ``generation`` (``teacher_scoring:
+{policy_gradient: --pg-weight (default 1), divergence: 1, divergence_reward: 1}``. Variants: ``generation`` (``teacher_scoring:
 generation``: the whole generation batch's ``(B, T, V)`` teacher log-probs kept in the batch) and ``loss``
 (``teacher_scoring: loss``: scored per micro-batch). ``--src DIR`` runs the children on another checkout of
 opd_plugins (e.g. ``git worktree add /tmp/old <commit>``, which has no ``teacher_scoring`` and scores the whole
@@ -149,9 +149,10 @@ def step_child(args: argparse.Namespace) -> None:
         settings["teacher_scoring"] = args.variant
     elif args.variant != "generation":
         raise SystemExit(f"this checkout has no teacher_scoring: only the 'generation' variant runs on it")
-    comps = Components.build(teacher=("self_context", {"weights": "initial"}),
+    teacher = {"weights": "initial", **({"chunk_size": args.teacher_chunk} if args.teacher_chunk else {})}
+    comps = Components.build(teacher=("self_context", teacher),
                              divergence=(args.kind, {"fused_lm_head": True} if args.fused else {}),
-                             pg_weight=1.0, div_weight=1.0, div_reward_weight=1.0)
+                             pg_weight=args.pg_weight, div_weight=1.0, div_reward_weight=1.0)
     tr = OPDTrainer(model=model, args=OPDConfig(**settings), components=comps, train_dataset=data,
                     processing_class=tok, reward_funcs=[lambda completion_ids, **kw: [float(len(c)) for c in
                                                                                       completion_ids]])
@@ -177,7 +178,9 @@ def step_main(args: argparse.Namespace) -> None:
         for label, variant, path in runs:
             cmd = [sys.executable, __file__, "--case", "step", "--variant", variant, "--out", f"{out}/{label}",
                    "--batch", str(args.batch), "--ga", str(args.ga), "--seq", str(args.seq), "--vocab",
-                   str(args.vocab), "--hidden", str(args.hidden), "--kind", args.kind, *(["--fused"] if args.fused else [])]
+                   str(args.vocab), "--hidden", str(args.hidden), "--kind", args.kind, "--pg-weight", str(args.pg_weight),
+                   "--teacher-chunk", str(args.teacher_chunk or 0),
+                   *(["--fused"] if args.fused else [])]
             os.makedirs(f"{out}/{label}")
             env = {**os.environ, "PYTHONPATH": path} if path else None
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -196,7 +199,7 @@ def step_main(args: argparse.Namespace) -> None:
             r.pop("params_file")
     B, T, V = args.batch * args.ga, args.seq, args.vocab
     print(json.dumps({"generation_batch": B, "micro_batch": args.batch, "seq": T, "vocab": V, "hidden": args.hidden,
-                      "kind": args.kind, "fused_lm_head": args.fused, "src": args.src, "teacher_tensor_mib": round(B * T * V * 4 / 2**20),
+                      "kind": args.kind, "fused_lm_head": args.fused, "pg_weight": args.pg_weight, "teacher_chunk": args.teacher_chunk, "src": args.src, "teacher_tensor_mib": round(B * T * V * 4 / 2**20),
                       "results": results}, indent=2))
     print(f"\n| variant | generation batch × T × V | peak over base MiB | ratio {first} / variant | s | loss "
           "| max |Δparams| |")
@@ -234,6 +237,10 @@ def main() -> None:
     p.add_argument("--ga", type=int, default=4, help="--case step: micro-batches per generation batch")
     p.add_argument("--src", help="--case step: run the 'generation' variant on this opd_plugins checkout")
     p.add_argument("--fused", action="store_true", help="--case step: the divergence with fused_lm_head: true")
+    p.add_argument("--pg-weight", type=float, default=1.0,
+                   help="--case step: objective.policy_gradient (0: pure distillation, no policy-gradient forward)")
+    p.add_argument("--teacher-chunk", type=int, default=0,
+                   help="--case step: the teacher's chunk_size, rows per forward (0: its default, 8)")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()

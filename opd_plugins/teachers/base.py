@@ -189,7 +189,7 @@ def score_with_causal_lm(
         if want == "full":
             out["logps"].append(logps)
     mask = completion_mask.to(torch.float32)
-    cat = {k: (torch.cat(v) if v else None) for k, v in out.items()}
+    cat = {k: (torch.cat(v) if len(v) > 1 else v[0] if v else None) for k, v in out.items()}  # one chunk: no copy
     cat["token_logps"] = cat["token_logps"] * mask
     return TeacherScores(mask=mask, **cat)
 
@@ -249,8 +249,10 @@ def nonfinite_positions(scores: TeacherScores) -> torch.Tensor:
     for name in _FLOAT_FIELDS:
         t = getattr(scores, name)
         if t is not None:
-            finite = torch.isfinite(t)
-            bad |= ~(finite.flatten(2).all(-1) if t.dim() > 2 else finite)
+            if t.dim() > 2:  # a row at a time: no (B, T, V) temporary beside a full-vocabulary tensor
+                bad |= ~torch.stack([torch.isfinite(row).flatten(1).all(-1) for row in t])
+            else:
+                bad |= ~torch.isfinite(t)
     return bad
 
 
@@ -295,10 +297,10 @@ def implausible(scores: TeacherScores, completion_ids: torch.Tensor, valid: torc
         m = scores.topk_mass.float()
         checks.append(("a top-k mass outside [0, 1]", (m < -tol) | (m > 1 + MASS_TOLERANCE), m))
     if scores.logps is not None:
-        full = scores.logps.float()
-        total = torch.logsumexp(full, -1)
+        full = scores.logps
+        total = torch.stack([torch.logsumexp(row.float(), -1) for row in full])  # (T, V) temporaries only
         checks.append(("full-vocabulary log-probs that do not sum to probability 1", (total.abs() > 1e-2), total.exp()))
-        gathered = full.gather(-1, completion_ids.clamp(0, full.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+        gathered = full.gather(-1, completion_ids.clamp(0, full.shape[-1] - 1).unsqueeze(-1)).squeeze(-1).float()
         checks.append(("token log-probs that differ from the full-vocabulary log-probs of the same tokens",
                        (gathered - token).abs() > tol + 1e-3 * token.abs(), token))
     for what, flagged, values in checks:

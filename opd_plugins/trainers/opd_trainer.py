@@ -588,7 +588,16 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
         am = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
         size = self.args.per_device_train_batch_size if self._mode() == "train" else self.args.per_device_eval_batch_size
+        divergence = self.components.divergence
         with torch.no_grad():
+            if divergence is not None and divergence.uses_hidden_states():
+                # the divergence's own fused lm head, chunk by chunk: not even one micro-batch's (b, T, V) logits
+                chunk = getattr(divergence.params, "chunk_size", 0) or 256
+                unwrapped, completion = self.accelerator.unwrap_model(self.model), out["completion_ids"]
+                return torch.cat([fused_outputs(self.model, unwrapped, ids[lo:lo + size], am[lo:lo + size],
+                                                completion[lo:lo + size], out["completion_mask"][lo:lo + size],
+                                                self.temperature, chunk).token_logps
+                                  for lo in range(0, ids.shape[0], size)])
             return self._get_per_token_logps_and_entropies(self.model, ids, am, out["completion_ids"].shape[1],
                                                            batch_size=size)[0]
 
