@@ -18,7 +18,7 @@ from typing import Any
 from opd_plugins.errors import OPDError
 from opd_plugins.report.load import MISSING, RunData, differing_keys, is_number, load_run
 
-GROUPS = ("opd", "teacher", "correction", "rollout", "token_weighting", "rewards")
+GROUPS = ("opd", "diag", "teacher", "correction", "rollout", "prompt_selection", "sampler", "token_weighting", "rewards")
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
 KEY_SETTINGS = ("description", "plugins", "model.name_or_path", "model.dtype", "model.lora", "data.task",
                 "data.dataset", "data.eval_dataset", "data.train_size", "data.eval_size", "teacher", "divergence",

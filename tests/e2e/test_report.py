@@ -19,7 +19,8 @@ from opd_plugins.errors import OPDError
 from opd_plugins.report import build_report, load_run
 from opd_plugins.report.cli import add_arguments, main
 
-GROUPS = ("opd", "teacher", "correction", "rollout", "token_weighting", "rewards", "train")
+GROUPS = ("opd", "diag", "teacher", "correction", "rollout", "prompt_selection", "sampler", "token_weighting",
+          "rewards", "train")
 EVIL_Q = "What is <script>alert('x')</script> 3 + 4?"
 EVIL_COMPLETION = "7</pre><script>document.title='pwned'</script>"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -134,7 +135,9 @@ def make_run(path: Path, divergence: str, lr: float, token_weighting: list, befo
     def row(step, t, scale=1.0):
         return {"step": step, "time": t, "loss": scale / step, "reward": 0.1 * step, "learning_rate": lr,
                 "opd/divergence": 2.0 / step, "teacher/entropy": 1.5, "correction/ratio_mean": 1.0,
-                "rollout/staleness": 0.0, "token_weighting/mean_weight": 0.9, "rewards/correct/mean": 0.1 * step}
+                "rollout/staleness": 0.0, "token_weighting/mean_weight": 0.9, "rewards/correct/mean": 0.1 * step,
+                "diag/top1_agreement": 0.5 + 0.05 * step, "prompt_selection/degenerate_frac": 0.4,
+                "sampler/role/none": 0.75}
 
     # steps 1-3, a crash, a resume from checkpoint-2 that logs step 3 again, then 4, 5 and a torn last line
     lines = [json.dumps(row(s, 1000 + 2 * s, scale=9.0 if s == 3 else 1.0)) for s in (1, 2, 3)]
