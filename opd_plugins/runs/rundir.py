@@ -287,6 +287,8 @@ def write_run_files(run_dir: Path, recipe: Recipe, pm: Any, argv: list[str] | No
     from opd_plugins.markers import __version__
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return  # one writer per launch: the global main process (torchrun / accelerate set RANK on every process)
     if resumed_from is not None:
         rewind_metrics(run_dir, resumed_from)
     text = yaml.safe_dump(redact(recipe.model_dump(mode="json")), sort_keys=False)
