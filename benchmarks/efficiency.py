@@ -302,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--digits", type=int, default=2)
     ap.add_argument("--answer-format", default="number_only", choices=("number_only", "free"))
     ap.add_argument("--teacher-recipe", type=Path, default=TEACHER_RECIPE)
+    ap.add_argument("--completion-length", type=int, help="trainer.args.max_completion_length of the teacher's "
+                    "training and of every arm (default: the recipes' 32; evaluation keeps its own max_new_tokens)")
+    ap.add_argument("--teacher-steps", type=int, help="trainer.args.max_steps of the teacher's training "
+                    "(default: its recipe's)")
     ap.add_argument("--retrain-teacher", action="store_true", help="train the teacher again even if one is cached")
     ap.add_argument("--probe", action="store_true", help="only measure the base model on the candidate tasks (JSON: "
                                                          "--out's name with _probe)")
@@ -315,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"data.task.params.answer_format={a.answer_format}"]
         student_over: list[str] = []
         teacher_over = [*task, f"teacher.params.template={json.dumps(answer_context(a.op))}"]
+        if a.completion_length:
+            student_over.append(f"trainer.args.max_completion_length={a.completion_length}")
+            teacher_over.append(f"trainer.args.max_completion_length={a.completion_length}")
+        if a.teacher_steps:
+            teacher_over.append(f"trainer.args.max_steps={a.teacher_steps}")
         cache = _cache_root()
         if a.quick:
             student, tiny_teacher = _arms.tiny_models(work)
