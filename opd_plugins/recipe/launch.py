@@ -118,9 +118,9 @@ def engine_arg_problems(args: Mapping[str, Any], launch: Launch) -> list[Problem
             f"fsdp: {fsdp!r} asks transformers to shard with FSDP, but {where} runs "
             f"{'no FSDP' if launch.engine == 'none' else launch.engine}; choose the engine in the accelerate config "
             "(recipes/accelerate/fsdp2.yaml) and remove fsdp from trainer.args")))
-    version = (args.get("fsdp_config") or {}).get("fsdp_version", (args.get("fsdp_config") or {}).get("version")) \
-        if isinstance(args.get("fsdp_config"), dict) else None
-    if args.get("fsdp_config") and launch.engine != "fsdp":
+    fsdp_config = args.get("fsdp_config")
+    version = fsdp_config.get("fsdp_version", fsdp_config.get("version")) if isinstance(fsdp_config, dict) else None
+    if fsdp_config and launch.engine != "fsdp":
         problems.append(Problem("trainer.args.fsdp_config", (
             f"fsdp_config is set, but {where} does not run FSDP; put FSDP settings in the accelerate config "
             "(recipes/accelerate/fsdp2.yaml) and remove fsdp_config from trainer.args")))

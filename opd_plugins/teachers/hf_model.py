@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from opd_plugins.components import ComponentParams
 from opd_plugins.context import SetupContext
@@ -43,6 +43,14 @@ class HFModelTeacher(Teacher):
         trust_remote_code: bool = Field(False, description="Allow custom model code from the checkpoint.")
         allow_nonfinite: bool = Field(False, description="Mask and count NaN/inf teacher log-probs instead of failing.")
 
+        @model_validator(mode="after")
+        def _shard_alone(self):
+            if self.placement == "shard" and (self.quantization or self.device):
+                raise ValueError(f"placement: shard cannot be combined with "
+                                 f"{'quantization' if self.quantization else 'device'} (a sharded teacher is "
+                                 "the student engine's, in its dtype, on its devices); use placement: replicate")
+            return self
+
     def __init__(self, params: Params | None = None) -> None:
         super().__init__(params)
         self.model: torch.nn.Module | None = None
@@ -60,9 +68,6 @@ class HFModelTeacher(Teacher):
             return [("placement", f"teacher hf_model: placement: shard shards the teacher with the student's engine, "
                                   f"but the student is not sharded here ({sharding}); launch with an FSDP2 or ZeRO-3 "
                                   "accelerate config (recipes/accelerate/), or use placement: replicate")]
-        if p.placement == "shard" and (p.quantization or p.device):
-            return [("placement", "teacher hf_model: placement: shard cannot be combined with "
-                                  f"{'quantization' if p.quantization else 'device'}; use placement: replicate")]
         return []
 
     def gpu_problems(self) -> list[tuple[str, str]]:

@@ -51,6 +51,16 @@ def _recipe(tmp_path, name, model_dir, *, processes, **extra):
     return path
 
 
+def _free_port():
+    """A port nothing listens on now: each launch gets its own rendezvous (a fixed one can still be held by the
+    previous launch's store when the next starts)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _launch(tmp_path, recipe, processes, *extra_args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests"), "OPD_TEST_CPU_FSDP": "1",
            "OPD_TEST_PROBE": str(tmp_path / f"probe-{recipe.stem}")}
@@ -58,7 +68,7 @@ def _launch(tmp_path, recipe, processes, *extra_args):
         cmd = [sys.executable, "-m", "opd_plugins", "train", str(recipe), *extra_args]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(_accelerate_config(tmp_path)), "--main_process_port", "29531", "-m", "opd_plugins", "train",
+               str(_accelerate_config(tmp_path)), "--main_process_port", str(_free_port()), "-m", "opd_plugins", "train",
                str(recipe), *extra_args]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]

@@ -126,3 +126,25 @@ def test_train_refuses_before_any_model_loads_from_accelerates_environment(tmp_p
     assert out.returncode == 2, out.stderr[-2000:]
     assert "teacher.params.weights" in out.stderr and "FSDP" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_sharded_teacher_with_quantization_or_its_own_device_is_refused_without_any_launch():
+    for extra in ("teacher.params.quantization=4bit", "teacher.params.device=cpu"):
+        with pytest.raises(RecipeError) as err:
+            _check("qwen3/opd_1p7b_from_8b_lora.yaml", None, "teacher.params.placement=shard", extra)
+        msg = str(err.value)
+        assert "teacher.params" in msg and "placement: replicate" in msg and extra.split(".")[-1].split("=")[0] in msg
+
+
+def test_an_unreadable_accelerate_config_is_a_clear_error(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    out = subprocess.run([sys.executable, "-m", "opd_plugins", "validate", str(ROOT / "recipes" / "quickstart" /
+                          "self_distill_cpu.yaml"), "--accelerate-config", str(missing)],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert out.returncode == 2 and str(missing) in out.stderr and "Traceback" not in out.stderr
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    out = subprocess.run([sys.executable, "-m", "opd_plugins", "validate", str(ROOT / "recipes" / "quickstart" /
+                          "self_distill_cpu.yaml"), "--accelerate-config", str(bad)],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert out.returncode == 2 and "not a mapping" in out.stderr and "Traceback" not in out.stderr
