@@ -83,8 +83,9 @@ def log(bench: str, message: str) -> None:
 
 class StudentTokens:
     """Hook implementations counting, over the training generation batches of one run, the completion tokens the
-    student generated (forced prefix tokens left out), the rollouts a sampler guided, and the non-degenerate
-    groups."""
+    student generated (forced prefix tokens left out), the rollouts a sampler guided, the non-degenerate groups,
+    and per generation batch (``per_batch``) the tokens so far, the share of non-degenerate groups and the mean
+    training reward (hinted rollouts included)."""
 
     def __init__(self) -> None:
         self.tokens = 0
@@ -93,6 +94,7 @@ class StudentTokens:
         self.guided = 0
         self.groups = 0
         self.non_degenerate = 0
+        self.per_batch: list[dict[str, float]] = []  # one record per generation batch, the curves of a run
 
     @hookimpl
     def opd_rollout_end(self, trainer: Any, rollout: dict[str, Any]) -> None:
@@ -117,8 +119,13 @@ class StudentTokens:
         rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
         rewards[rewards_per_func.isnan().all(dim=1)] = float("nan")  # unscored, as the trainer's rewards
         groups = rewards.numel() // trainer.num_generations
+        non_degenerate = groups - len(degenerate_groups(rewards, trainer.num_generations))
         self.groups += groups
-        self.non_degenerate += groups - len(degenerate_groups(rewards, trainer.num_generations))
+        self.non_degenerate += non_degenerate
+        scored = rewards[~rewards.isnan()]
+        self.per_batch.append({"batch": self.batches, "tokens": self.tokens,
+                               "non_degenerate_share": non_degenerate / max(groups, 1),
+                               "reward": float(scored.mean()) if scored.numel() else float("nan")})
 
 
 def _budget_callback(counter: StudentTokens, budget: int, on_step: Callable[[int], None]) -> Any:
@@ -219,6 +226,7 @@ def train_arm(base: Path, overrides: Sequence[str], *, plan: Plan, label: str, b
         "checkpoints": points, "rollouts": counter.rollouts,
         "guided_share": counter.guided / max(counter.rollouts, 1),
         "groups": counter.groups, "non_degenerate_share": counter.non_degenerate / max(counter.groups, 1),
+        "per_batch": counter.per_batch,
         "train_s": round(wall - timing["eval_s"], 1), "eval_s": round(timing["eval_s"], 1),
     }
 
@@ -319,6 +327,38 @@ def plot_curves(path: Path, results: dict[str, dict[str, Any]], title: str,
     return path
 
 
+def plot_per_batch(path: Path, results: dict[str, dict[str, Any]], title: str) -> Path:
+    """Two panels against student tokens, one line per arm (the mean over seeds at each generation batch): the share
+    of non-degenerate groups and the mean training reward of every generation batch; saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, arm in results.items():
+        runs = [r.get("per_batch") or [] for r in arm["runs"]]
+        n = min((len(r) for r in runs), default=0)
+        if n == 0:
+            continue
+        tokens = [statistics.fmean(r[i]["tokens"] for r in runs) for i in range(n)]
+        for ax, key in zip(axes, ("non_degenerate_share", "reward"), strict=True):
+            ax.plot(tokens, [statistics.fmean(r[i][key] for r in runs) for i in range(n)], marker=".", label=name)
+    for ax, label in zip(axes, ("non-degenerate groups (share per batch)", "training reward (mean per batch)"),
+                         strict=True):
+        ax.set_xlabel("student-generated tokens")
+        ax.set_ylabel(label)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def add_arguments(ap: Any, arm_names: Sequence[str], *, budget: int, quick_budget: int, out: str) -> None:
     """The options both benchmarks take: budget, evaluations, held-out size, seeds, arms, outputs, ``--quick``."""
     ap.add_argument("--budget", type=int, help=f"student-generated tokens per arm (default {budget:,}; --quick "
@@ -382,5 +422,5 @@ def settings(plan: Plan, **extra: Any) -> dict[str, Any]:
 
 
 __all__ = ["BASE_RECIPE", "QUICK_TRAINER", "Arm", "Plan", "StudentTokens", "add_arguments", "arm_recipe",
-           "eval_overrides", "log", "markdown_table", "plot_curves", "resolve_arguments", "run_arms", "settings",
+           "eval_overrides", "log", "markdown_table", "plot_curves", "plot_per_batch", "resolve_arguments", "run_arms", "settings",
            "summarize", "tiny_models", "tokens_to_reach", "train_arm", "write_json"]

@@ -21,7 +21,8 @@ defaults (docs/components.md); the worked solutions and hints are the columns th
 
 How: the arms harness (``benchmarks/_arms.py``): every arm is the base recipe plus dotted overrides; a plugin
 counts the completion tokens the student generated (forced prefix tokens left out) and the non-degenerate groups,
-and stops training at the first generation batch that reaches the budget; accuracy is measured before training
+and stops training at the first generation batch that reaches the budget; per generation batch it records the
+share of non-degenerate groups and the mean training reward (``samplers_per_batch.png``); accuracy is measured before training
 (once, shared) and at every budget/4 tokens; ``--seeds N`` repeats with seeds 0..N-1 (mean ± SE over seeds; with
 one seed the SE is the binomial one over the n prompts). The curves go to ``samplers.png``, everything to
 ``samplers.json``.
@@ -107,9 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     report.update(complete=True, table=rows, png=str(png), wall_s=round(time.monotonic() - t0))
     lines = [("GRPO final", results["grpo"]["summary"]["final"]["accuracy"])] if "grpo" in results else []
     _arms.plot_curves(png, results, f"hint/prefix samplers, {budget:,} student tokens per arm", lines)
+    per_batch_png = png.with_name(png.stem + "_per_batch.png")
+    _arms.plot_per_batch(per_batch_png, results, "training signal per generation batch (hinted rollouts included)")
+    report.update(per_batch_png=str(per_batch_png))
     _arms.write_json(a.out, report)
     print(show(rows, report["initial"]))
-    print(f"\nwrote {a.out} and {png} ({report['wall_s']} s)")
+    print(f"\nwrote {a.out}, {png} and {per_batch_png} ({report['wall_s']} s)")
     return 0
 
 

@@ -1,8 +1,10 @@
 """benchmarks/samplers.py: ``--quick`` end to end (every arm, the JSON, equal token budgets, the samplers acting;
 never an accuracy), and the token counter leaving forced prefix tokens out."""
 
+from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 from helpers.benchmarks import check_arms, quick, table_rows
 
@@ -18,6 +20,13 @@ def test_quick_runs_every_sampler_to_the_same_budget(tmp_path):
         (run,) = arm["runs"]
         assert run["groups"] == run["rollouts"] // 2  # num_generations 2 in --quick
         assert 0.0 <= run["non_degenerate_share"] <= 1.0
+        # one record per training generation batch, tokens rising to the run's total
+        assert len(run["per_batch"]) == run["generation_batches"]
+        assert [b["tokens"] for b in run["per_batch"]] == sorted(b["tokens"] for b in run["per_batch"])
+        assert run["per_batch"][-1]["tokens"] == run["tokens"]
+        shares = [b["non_degenerate_share"] for b in run["per_batch"]]
+        assert sum(s * run["groups"] / len(shares) for s in shares) == pytest.approx(
+            run["non_degenerate_share"] * run["groups"])  # equal-size batches: their mean is the run's share
         # the tiny model fails every prompt, so every sampler guides the prompts it sees again; GRPO never does
         assert (run["guided_share"] > 0) == (name != "grpo"), name
     assert all(set(row) >= {"accuracy", "se", "non_degenerate_share", "guided_share", "tokens_used"}
@@ -26,6 +35,7 @@ def test_quick_runs_every_sampler_to_the_same_budget(tmp_path):
     assert header == ["arm", "held-out accuracy ± SE (no hint)", "non-degenerate groups", "guided rollouts",
                       "tokens used", "steps"]
     assert arms == ARMS
+    assert Path(r["per_batch_png"]).stat().st_size > 0
 
 
 def _trainer(guided=None, training=True, num_generations=2):
@@ -50,5 +60,10 @@ def test_student_tokens_leave_forced_prefixes_out_and_count_non_degenerate_group
     rewards = torch.tensor([[0.0], [1.0], [1.0], [1.0], [1.0], [float("nan")], [0.5], [0.5]])
     counter.opd_rewards_scored(_trainer(), rewards, ["r"])
     assert counter.groups == 4 and counter.non_degenerate == 1  # [0, 1] only; [1, nan] has one scored reward
+    # the batch's record: its share of non-degenerate groups and the mean of its scored rewards (NaN left out)
+    (record,) = counter.per_batch
+    assert record["batch"] == 2 and record["tokens"] == want + 11
+    assert record["non_degenerate_share"] == 0.25
+    assert record["reward"] == pytest.approx((0 + 1 + 1 + 1 + 1 + 0.5 + 0.5) / 7)
     counter.opd_rewards_scored(_trainer(training=False), rewards, ["r"])
-    assert counter.groups == 4
+    assert counter.groups == 4 and len(counter.per_batch) == 1
