@@ -39,7 +39,8 @@ parameters after one SGD step with learning rate 1 (so their difference is the g
 with the first variant's.
 
     OMP_NUM_THREADS=2 python benchmarks/divergence_memory.py --case step [--batch 4 --ga 4 --seq 128 --hidden 64
-                                                                          --kind forward_kl --fused --src DIR]
+                                                                          --kind forward_kl --fused --div-chunk 64
+                                                                          --src DIR]
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ def step_child(args: argparse.Namespace) -> None:
         raise SystemExit(f"this checkout has no teacher_scoring: only the 'generation' variant runs on it")
     teacher = {"weights": "initial", **({"chunk_size": args.teacher_chunk} if args.teacher_chunk else {})}
     comps = Components.build(teacher=("self_context", teacher),
-                             divergence=(args.kind, {"fused_lm_head": True} if args.fused else {}),
+                             divergence=(args.kind, {**({"fused_lm_head": True} if args.fused else {}),
+                                                     **({"chunk_size": args.div_chunk} if args.div_chunk else {})}),
                              pg_weight=args.pg_weight, div_weight=1.0, div_reward_weight=1.0)
     tr = OPDTrainer(model=model, args=OPDConfig(**settings), components=comps, train_dataset=data,
                     processing_class=tok, reward_funcs=[lambda completion_ids, **kw: [float(len(c)) for c in
@@ -179,7 +181,7 @@ def step_main(args: argparse.Namespace) -> None:
             cmd = [sys.executable, __file__, "--case", "step", "--variant", variant, "--out", f"{out}/{label}",
                    "--batch", str(args.batch), "--ga", str(args.ga), "--seq", str(args.seq), "--vocab",
                    str(args.vocab), "--hidden", str(args.hidden), "--kind", args.kind, "--pg-weight", str(args.pg_weight),
-                   "--teacher-chunk", str(args.teacher_chunk or 0),
+                   "--teacher-chunk", str(args.teacher_chunk or 0), "--div-chunk", str(args.div_chunk or 0),
                    *(["--fused"] if args.fused else [])]
             os.makedirs(f"{out}/{label}")
             env = {**os.environ, "PYTHONPATH": path} if path else None
@@ -199,7 +201,7 @@ def step_main(args: argparse.Namespace) -> None:
             r.pop("params_file")
     B, T, V = args.batch * args.ga, args.seq, args.vocab
     print(json.dumps({"generation_batch": B, "micro_batch": args.batch, "seq": T, "vocab": V, "hidden": args.hidden,
-                      "kind": args.kind, "fused_lm_head": args.fused, "pg_weight": args.pg_weight, "teacher_chunk": args.teacher_chunk, "src": args.src, "teacher_tensor_mib": round(B * T * V * 4 / 2**20),
+                      "kind": args.kind, "fused_lm_head": args.fused, "pg_weight": args.pg_weight, "teacher_chunk": args.teacher_chunk, "div_chunk": args.div_chunk, "src": args.src, "teacher_tensor_mib": round(B * T * V * 4 / 2**20),
                       "results": results}, indent=2))
     print(f"\n| variant | generation batch × T × V | peak over base MiB | ratio {first} / variant | s | loss "
           "| max |Δparams| |")
@@ -239,6 +241,8 @@ def main() -> None:
     p.add_argument("--fused", action="store_true", help="--case step: the divergence with fused_lm_head: true")
     p.add_argument("--pg-weight", type=float, default=1.0,
                    help="--case step: objective.policy_gradient (0: pure distillation, no policy-gradient forward)")
+    p.add_argument("--div-chunk", type=int, default=0,
+                   help="--case step: the divergence's chunk_size, tokens per chunk (0: its default, 256)")
     p.add_argument("--teacher-chunk", type=int, default=0,
                    help="--case step: the teacher's chunk_size, rows per forward (0: its default, 8)")
     p.add_argument("--variant", help=argparse.SUPPRESS)

@@ -393,6 +393,22 @@ def scoring_transient_bytes(m: ModelConfig, chunk: int, seq_len: int, completion
     return logits + kv_cache_bytes(m, c, seq_len) + c * seq_len * (6 * m.hidden_size + 6 * m.intermediate_size)
 
 
+def hidden_scoring_transient_bytes(m: ModelConfig, chunk: int, seq_len: int, head_chunk: int) -> float:
+    """``score_with_causal_lm`` with ``head_chunk`` (a ``fused_lm_head`` divergence): the teacher's forward on
+    ``chunk`` rows without logits (KV cache + one layer's no-grad temporaries, as above) and its scores computed
+    from the final hidden states ``head_chunk`` tokens at a time: ~12·head_chunk·V (a chunk's fp32 logits, their
+    log-softmax and its exp)."""
+    c = chunk
+    return kv_cache_bytes(m, c, seq_len) + c * seq_len * (6 * m.hidden_size + 6 * m.intermediate_size) + \
+        12 * head_chunk * m.vocab_size
+
+
+def factored_scores_bytes(batch: int, completion_len: int, teacher: ModelConfig, dtype_bytes: float) -> float:
+    """The teacher's full vocabulary in factored form (``TeacherScores.hidden`` + its lm head, which it already
+    holds): its final hidden states B·T·H_t in its dtype."""
+    return batch * completion_len * teacher.hidden_size * dtype_bytes
+
+
 def generation_step_bytes(main_scores: float, generate: float, scoring: float, chunk: int, completion_len: int,
                           vocab: int) -> float:
     """What the generation step adds on top of the resident set (which already holds the previous generation
@@ -610,8 +626,13 @@ def estimate(s: RecipeSettings, engine: str, n_gpus: int, *, headroom: float = 0
         batch = s.per_device_train_batch_size
         bgen = gen_batch_per_device(s, n_gpus)
         lm_head_trainable = not lora
+        # a fused divergence takes a local teacher's head: the teacher never forms logits, the kernel computes its
+        # log-probs a chunk at a time beside the student's (~8·chunk·V more: its fp32 logits and log-probs)
+        teacher_head = s.want == "full" and s.fused_lm_head and s.teacher in LOSS_TIME_TEACHERS
         if s.want == "full" and s.fused_lm_head:
             c["logits"] = project_fused_logits_bytes(m, batch * T, s.fused_chunk, lm_head_trainable)
+            if teacher_head and s.teacher_at_loss:
+                c["logits"] += 8 * min(s.fused_chunk, batch * T) * m.vocab_size
             if engine in SHARDED:
                 notes.append("refused: fused_lm_head needs an unsharded lm head")
         elif s.want in ("full", "topk"):
@@ -638,12 +659,21 @@ def estimate(s: RecipeSettings, engine: str, n_gpus: int, *, headroom: float = 0
                 notes.append(f"refused: self_context weights: {s.teacher_weights} needs unsharded params")
         # the generation step: generate, then score with the teacher (beside the previous buffered batch)
         generate = kv_cache_bytes(m, bgen, seq) + generation_gather_bytes(engine, m, n_gpus)
-        scoring = main + scoring_transient_bytes(scorer, s.teacher_chunk, seq, T) if s.teacher else 0
+        if teacher_head:
+            scoring = main + hidden_scoring_transient_bytes(scorer, s.teacher_chunk, seq, s.fused_chunk)
+        else:
+            scoring = main + scoring_transient_bytes(scorer, s.teacher_chunk, seq, T) if s.teacher else 0
         c["gen_extra"] = generation_step_bytes(main, generate, scoring, s.teacher_chunk, T, scorer.vocab_size)
         if s.teacher_at_loss:  # the micro-batch's scores stay through the backward; scoring them precedes the
             # student's forward, so its transient and the student's logits path do not overlap
-            kept = full_vocab_scores_bytes(batch, T, scorer.vocab_size)
-            transient = scoring_transient_bytes(scorer, min(s.teacher_chunk, batch), seq, T)
+            if teacher_head:
+                kept = factored_scores_bytes(batch, T, scorer, DTYPE_BYTES.get(s.teacher_dtype, 4)
+                                             if s.teacher == "hf_model" else p)
+                transient = hidden_scoring_transient_bytes(scorer, min(s.teacher_chunk, batch), seq, s.fused_chunk)
+                notes.append("teacher gives its hidden states and lm head (fused_lm_head)")
+            else:
+                kept = full_vocab_scores_bytes(batch, T, scorer.vocab_size)
+                transient = scoring_transient_bytes(scorer, min(s.teacher_chunk, batch), seq, T)
             loss_scoring = kept + max(transient - c["logits"], 0)
             c["scores"] += loss_scoring
     if activations == "korthikanti":

@@ -8,16 +8,8 @@ from typing import Any, ClassVar
 import torch
 
 from opd_plugins.components import Component
+from opd_plugins.lm_head import LMHead  # noqa: F401 - re-exported: StudentOutputs.lm_head's type
 from opd_plugins.teachers.base import Capability, TeacherScores
-
-
-@dataclass
-class LMHead:
-    """The student's output layer, linear: ``logits = (hidden @ weight.T + bias) / temperature``."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None = None
-    temperature: float = 1.0
 
 
 @dataclass
@@ -94,6 +86,12 @@ class Divergence(Component):
     def uses_hidden_states(self) -> bool:
         """True when :meth:`per_token` wants the student's final hidden states and lm head
         (``StudentOutputs.hidden``/``lm_head``) instead of its logits, to compute the logits chunk by chunk."""
+        return False
+
+    def takes_teacher_head(self) -> bool:
+        """True when :meth:`per_token` accepts the teacher's full vocabulary in factored form too
+        (``TeacherScores.hidden``/``lm_head`` instead of ``logps``): a local teacher then never forms its
+        ``(B, T, V)`` log-probs for the loss (:attr:`~opd_plugins.teachers.base.TeacherBatch.head_chunk`)."""
         return False
 
     def per_token(self, student: StudentOutputs, teacher: TeacherScores) -> DivergenceTerms:

@@ -91,12 +91,17 @@ def student_divergence(name: str, student: StudentOutputs, teacher: TeacherScore
                        chunk_size: int) -> torch.Tensor:
     """Per-token divergence ``(B, T)`` (unmasked) of a full-vocabulary component, from the student's final hidden
     states and lm head when :class:`StudentOutputs` carries them (``fused_lm_head``), else from its logits."""
-    if teacher.logps is None:
+    factored = teacher.logps is None and teacher.hidden is not None and teacher.lm_head is not None
+    if teacher.logps is None and not factored:
         raise ValueError(f"divergence {name!r} needs teacher full-vocabulary log-probs (requires() == 'full')")
     if student.hidden is not None and student.lm_head is not None:
         head = student.lm_head
+        teacher_head = (teacher.hidden, teacher.lm_head) if factored else None
         return fused_divergence(student.hidden, head.weight, teacher.logps, formula, head.temperature, chunk_size,
-                                bias=head.bias)
+                                bias=head.bias, teacher_head=teacher_head)
+    if factored:
+        raise ValueError(f"divergence {name!r} got the teacher's hidden states and lm head, which only the fused "
+                         "lm head (fused_lm_head: true) takes")
     if student.logits is None:
         raise ValueError(f"divergence {name!r} needs student logits, or its final hidden states and lm head with "
                          "fused_lm_head (requires() == 'full')")
@@ -113,8 +118,9 @@ class FullVocabParams(ComponentParams):
                              "expectation) or 'estimate' (an unbiased, non-negative estimate of −D).")
     fused_lm_head: bool = Field(
         False, description="Compute the student logits chunk by chunk from the final hidden states and the lm head "
-                           "(the (B, T, V) logits and their gradient never exist); token weightings then get no "
-                           "student logits.")
+                           "(the (B, T, V) logits and their gradient never exist), the policy-gradient term's "
+                           "log-probs from the same forward, and a local teacher's log-probs chunk by chunk from "
+                           "its hidden states and head; token weightings then get no student logits.")
 
     @model_validator(mode="after")
     def _fused_needs_chunks(self):
@@ -140,6 +146,9 @@ class FullVocabDivergence(Divergence):
         return "full"
 
     def uses_hidden_states(self) -> bool:
+        return self.params.fused_lm_head
+
+    def takes_teacher_head(self) -> bool:
         return self.params.fused_lm_head
 
     def per_token(self, student: StudentOutputs, teacher: TeacherScores) -> DivergenceTerms:

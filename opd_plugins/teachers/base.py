@@ -9,7 +9,8 @@ import torch
 
 from opd_plugins.components import Component
 from opd_plugins.context import SetupContext
-from opd_plugins.errors import TeacherError
+from opd_plugins.errors import OPDError, TeacherError
+from opd_plugins.lm_head import LMHead, final_hidden_states, head_scores, whole
 
 Capability = Literal["sampled", "topk", "full", "text"]
 CAPABILITY_ORDER: dict[str, int] = {"sampled": 0, "topk": 1, "full": 2}
@@ -33,6 +34,12 @@ class TeacherBatch:
     completion_mask: torch.Tensor
     prompts: list[Any] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
+    head_chunk: int = 0
+    """> 0: the consumer computes logits a chunk of tokens at a time (a ``fused_lm_head`` divergence). A local
+    teacher may then compute its own scores from its final hidden states, ``head_chunk`` tokens at a time, and
+    answer ``want == "full"`` with :attr:`TeacherScores.hidden` and ``lm_head`` instead of ``(B, T, V)``
+    log-probs when ``full_as_hidden`` is set too (the trainer sets it for scores used within one micro-batch)."""
+    full_as_hidden: bool = False
 
 
 @dataclass
@@ -46,6 +53,10 @@ class TeacherScores:
     * ``mask``: ``(B, T)`` positions with valid teacher data (the completion mask unless the teacher masks more).
     * ``ref_token_logps``: ``(B, T)`` log-prob of each sampled token under a *reference* policy, when the divergence
       names one (``g_opd``'s ``reference``: ExOPD's π_ref); the trainer fills it from the reference teacher.
+    * ``hidden`` with ``lm_head``: the full vocabulary in factored form, ``log_softmax(lm_head.logits(hidden))``
+      with ``hidden`` ``(B, T, H)`` the teacher's final hidden states, a local teacher's answer to ``want ==
+      "full"`` when the batch allows it (:attr:`TeacherBatch.full_as_hidden`): a fused divergence computes the
+      teacher's log-probs a chunk of tokens at a time from them, so they never exist for a whole micro-batch.
     """
 
     token_logps: torch.Tensor
@@ -56,14 +67,16 @@ class TeacherScores:
     logps: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     ref_token_logps: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    lm_head: LMHead | None = None
 
     TENSOR_FIELDS: ClassVar[tuple[str, ...]] = (
-        "token_logps", "mask", "topk_ids", "topk_logps", "topk_mass", "logps", "entropy", "ref_token_logps",
+        "token_logps", "mask", "topk_ids", "topk_logps", "topk_mass", "logps", "entropy", "ref_token_logps", "hidden",
     )
 
     @property
     def capability(self) -> Capability:
-        if self.logps is not None:
+        if self.logps is not None or self.hidden is not None:
             return "full"
         if self.topk_logps is not None:
             return "topk"
@@ -72,10 +85,13 @@ class TeacherScores:
     def rows(self, index: slice | torch.Tensor) -> "TeacherScores":
         """These scores restricted to some rows (a slice or an index tensor)."""
         return TeacherScores(**{name: None if getattr(self, name) is None else getattr(self, name)[index]
-                                for name in self.TENSOR_FIELDS})
+                                for name in self.TENSOR_FIELDS}, lm_head=self.lm_head)
 
     def to_batch(self, prefix: str = "teacher_") -> dict[str, torch.Tensor]:
         """Flatten into batch-dict entries (first dim B), so TRL shuffles and splits them with the batch."""
+        if self.hidden is not None:
+            raise TeacherError("teacher scores in hidden-state form (hidden + lm_head) serve the micro-batch they were "
+                               "computed for and are not stored in a generation batch")
         return {prefix + k: getattr(self, k) for k in self.TENSOR_FIELDS if getattr(self, k) is not None}
 
     @classmethod
@@ -159,13 +175,28 @@ def score_with_causal_lm(
     temperature: float = 1.0,
     top_k: int = 0,
     chunk_size: int = 8,
+    head_chunk: int = 0,
+    full_as_hidden: bool = False,
+    transient_head: bool = False,
 ) -> TeacherScores:
     """Score ``completion_ids`` under a causal LM given ``input_ids = [teacher prompt | completion]``.
 
     The teacher prompt may differ from the student's (privileged context); only the last ``T + 1`` positions'
     logits are computed, in chunks of ``chunk_size`` rows, and nothing larger than ``(chunk, T, V)`` is held
     unless ``want == "full"``.
+
+    With ``head_chunk`` > 0 (:attr:`TeacherBatch.head_chunk`) the model's logits are never formed: its final
+    hidden states are taken and the scores computed from them and its linear head ``head_chunk`` tokens at a time,
+    and ``want == "full"`` with ``full_as_hidden`` returns ``hidden`` + ``lm_head`` instead of log-probs
+    (``transient_head``: the head's weights are swapped out after the call, so they are copied). A model whose
+    head is not a plain linear layer (soft-capping, scaling, quantized) is scored from its logits as usual.
     """
+    if head_chunk > 0 and (want != "full" or full_as_hidden):
+        hidden = _hidden_scores(model, input_ids, attention_mask, completion_ids, completion_mask, want=want,
+                                temperature=temperature, top_k=top_k, chunk_size=chunk_size, head_chunk=head_chunk,
+                                transient_head=transient_head)
+        if hidden is not None:
+            return hidden
     T = completion_ids.shape[1]
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("token_logps", "entropy", "topk_ids", "topk_logps", "topk_mass", "logps")}
     for start in range(0, input_ids.shape[0], chunk_size):
@@ -194,6 +225,38 @@ def score_with_causal_lm(
     return TeacherScores(mask=mask, **cat)
 
 
+def _hidden_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, want: Capability,
+                   temperature: float, top_k: int, chunk_size: int, head_chunk: int,
+                   transient_head: bool) -> TeacherScores | None:
+    """:func:`score_with_causal_lm` from final hidden states and the linear head (None: the head is not one)."""
+    T = completion_ids.shape[1]
+    k = top_k if top_k > 0 else (1 if want == "topk" else 0)
+    parts: dict[str, list[torch.Tensor]] = {}
+    head = None
+    for start in range(0, input_ids.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        try:
+            hidden, layer = final_hidden_states(model, model, input_ids[sl], attention_mask[sl], T + 1)
+        except OPDError:
+            return None  # not a plain linear head: the logits path
+        if head is None:
+            weight, bias = whole(layer.weight).detach(), whole(layer.bias)
+            bias = None if bias is None else bias.detach()
+            if transient_head:
+                weight, bias = weight.clone(), None if bias is None else bias.clone()
+            head = LMHead(weight, bias, temperature)
+        hidden = hidden[:, :-1].detach()
+        for name, value in head_scores(hidden, head, completion_ids[sl], head_chunk, top_k=k).items():
+            parts.setdefault(name, []).append(value)
+        if want == "full":
+            parts.setdefault("hidden", []).append(hidden)
+    cat = {name: torch.cat(v) if len(v) > 1 else v[0] for name, v in parts.items()}
+    mask = completion_mask.to(torch.float32)
+    cat["token_logps"] = cat["token_logps"] * mask
+    return TeacherScores(mask=mask, lm_head=head if want == "full" else None, **cat)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checks of teacher scores (TeacherScores.validate)
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,7 +269,7 @@ MIN_PLAUSIBLE_LOGP = -1e4
 MASS_TOLERANCE = 1e-2
 """How far above 1 a total probability (top-k mass, sampled token plus top-k) may round."""
 
-_FLOAT_FIELDS = ("token_logps", "topk_logps", "topk_mass", "logps", "entropy", "ref_token_logps")
+_FLOAT_FIELDS = ("token_logps", "topk_logps", "topk_mass", "logps", "entropy", "ref_token_logps", "hidden")
 
 
 def check_shapes(scores: TeacherScores, expected: tuple[int, ...], source: str) -> None:
@@ -217,11 +280,17 @@ def check_shapes(scores: TeacherScores, expected: tuple[int, ...], source: str) 
             f"teacher {source!r} returned token log-probs of shape {tuple(scores.token_logps.shape)} for "
             f"completions of shape {expected} (batch size, completion length): misaligned teacher data"
         )
-    for name in ("topk_logps", "topk_ids", "logps"):
+    if (scores.hidden is None) != (scores.lm_head is None):
+        raise TeacherError(f"teacher {source!r} returned {'hidden states' if scores.lm_head is None else 'an lm head'} "
+                           f"without the matching {'lm_head' if scores.lm_head is None else 'hidden states'}")
+    if scores.hidden is not None and scores.hidden.shape[-1] != scores.lm_head.weight.shape[-1]:
+        raise TeacherError(f"teacher {source!r} returned hidden states of size {scores.hidden.shape[-1]} for an lm "
+                           f"head of weight {tuple(scores.lm_head.weight.shape)}")
+    for name in ("topk_logps", "topk_ids", "logps", "hidden"):
         t = getattr(scores, name)
         if t is not None and (t.dim() != 3 or tuple(t.shape[:2]) != expected):
             raise TeacherError(f"teacher {source!r} returned {name} of shape {tuple(t.shape)}; expected {expected} "
-                               "+ (K or V,)")
+                               "+ (K, V or H,)")
     for name in ("mask", "topk_mass", "entropy", "ref_token_logps"):
         t = getattr(scores, name)
         if t is not None and tuple(t.shape) != expected:

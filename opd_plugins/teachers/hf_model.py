@@ -125,6 +125,7 @@ class HFModelTeacher(Teacher):
         scores = score_with_causal_lm(
             self.model, ids, mask, batch.completion_ids.to(dev), batch.completion_mask.to(dev), want=want,
             temperature=self.temperature, top_k=self.params.top_k, chunk_size=self.params.chunk_size,
+            head_chunk=batch.head_chunk, full_as_hidden=batch.full_as_hidden,
         )
         out_dev = batch.completion_ids.device
         for name in TeacherScores.TENSOR_FIELDS:

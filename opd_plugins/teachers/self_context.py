@@ -244,16 +244,18 @@ class SelfContextTeacher(Teacher):
         mask = torch.cat([p_mask.to(dev), batch.completion_mask], 1)
         model = self.ctx.model
         kwargs = {"want": want, "temperature": self.temperature, "top_k": self.params.top_k,
-                  "chunk_size": self.params.chunk_size}
+                  "chunk_size": self.params.chunk_size, "head_chunk": batch.head_chunk,
+                  "full_as_hidden": batch.full_as_hidden}
         was_training = model.training
         model.eval()  # no dropout in the teacher's view
         try:
             if self.params.weights == "initial" and self.shadow is None:
                 with model.disable_adapter():
                     return score_with_causal_lm(model, ids, mask, batch.completion_ids, batch.completion_mask, **kwargs)
-            if self.shadow is not None:
+            if self.shadow is not None:  # the teacher's weights are swapped back out after scoring: a head is copied
                 with self.shadow.swapped_in():
-                    return score_with_causal_lm(model, ids, mask, batch.completion_ids, batch.completion_mask, **kwargs)
+                    return score_with_causal_lm(model, ids, mask, batch.completion_ids, batch.completion_mask,
+                                                transient_head=True, **kwargs)
             return score_with_causal_lm(model, ids, mask, batch.completion_ids, batch.completion_mask, **kwargs)
         finally:
             model.train(was_training)

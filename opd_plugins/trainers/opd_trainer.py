@@ -521,13 +521,21 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
             self._log(f"correction/{key}", value)
 
     def teacher_batch(self, out: dict[str, Any], rows: list[dict[str, Any]],
-                      prompts: list[Any] | None = None) -> TeacherBatch:
-        """What teachers score: this rank's completions with the prompts the student saw and the dataset rows."""
+                      prompts: list[Any] | None = None, *, full_as_hidden: bool = False) -> TeacherBatch:
+        """What teachers score: this rank's completions with the prompts the student saw and the dataset rows.
+        With a divergence that takes the teacher's head (``fused_lm_head``), a local teacher computes its scores
+        chunk by chunk from its hidden states and, with ``full_as_hidden`` (scores used in this micro-batch only),
+        may give its full vocabulary as hidden states and lm head."""
         if prompts is None:
             prompts = self.step.student_prompts or [r.get("prompt") for r in rows]
+        divergence = self.components.divergence
+        head_chunk = 0
+        if divergence is not None and divergence.takes_teacher_head():
+            head_chunk = getattr(divergence.params, "chunk_size", 0) or 256
         return TeacherBatch(
             prompt_ids=out["prompt_ids"], prompt_mask=out["prompt_mask"], completion_ids=out["completion_ids"],
             completion_mask=loss_mask(out).to(out["completion_mask"].dtype), prompts=list(prompts), rows=list(rows),
+            head_chunk=head_chunk, full_as_hidden=full_as_hidden and head_chunk > 0,
         )
 
     def reference_logps(self, reference: Any, batch: TeacherBatch, owner: str) -> TeacherScores:
@@ -538,11 +546,13 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         return ref
 
     def score_teacher(self, out: dict[str, Any], rows: list[dict[str, Any]], want: str | None = None, *,
-                      prompts: list[Any] | None = None, hooks: bool = True) -> TeacherScores:
+                      prompts: list[Any] | None = None, hooks: bool = True,
+                      full_as_hidden: bool = False) -> TeacherScores:
         """The teacher's checked scores of ``out``'s completions (``want``: default what the divergence needs), with
-        the divergence's reference log-probs; logs ``teacher/*`` and calls ``opd_teacher_scored`` (``hooks``)."""
+        the divergence's reference log-probs; logs ``teacher/*`` and calls ``opd_teacher_scored`` (``hooks``).
+        ``full_as_hidden``: see :meth:`teacher_batch`."""
         c = self.components
-        batch = self.teacher_batch(out, rows, prompts)
+        batch = self.teacher_batch(out, rows, prompts, full_as_hidden=full_as_hidden)
         want = want or c.divergence.requires()
         scores = c.teacher.score(batch, want)
         if not isinstance(scores, TeacherScores):
@@ -577,7 +587,8 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         _, rows, prompts = stored
         picked = [int(i) for i in index.tolist()]
         with torch.no_grad():
-            return self.score_teacher(inputs, [rows[i] for i in picked], prompts=[prompts[i] for i in picked])
+            return self.score_teacher(inputs, [rows[i] for i in picked], prompts=[prompts[i] for i in picked],
+                                      full_as_hidden=True)
 
     def student_token_logps(self, out: dict[str, Any]) -> torch.Tensor:
         """``(B, T)`` the policy's log-probs of the sampled tokens of a generation batch, no gradient: TRL's
@@ -740,15 +751,53 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------
     # Loss
     # ------------------------------------------------------------------------------------------------------
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        logps, entropies, aux = super()._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-        )
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **kwargs):
+        if self.fused_policy_head(model, compute_aux_loss, kwargs):
+            logps, entropies, aux = self.fused_policy_logps(model, input_ids, attention_mask, logits_to_keep,
+                                                            batch_size, compute_entropy)
+        else:
+            logps, entropies, aux = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **kwargs)
         if self.step.capture and torch.is_grad_enabled():
             self.step.captured_logps = logps
             self.step.captured_entropy = None if entropies is None else entropies.detach()
             self.step.capture = False
         return logps, entropies, aux
+
+    def fused_policy_head(self, model: Any, compute_aux_loss: bool, extra: dict[str, Any]) -> bool:
+        """Whether TRL's log-prob forwards of the policy (its policy-gradient term, ``old_per_token_logps``) run
+        through the divergence's fused lm head too (``fused_lm_head: true``): for the trained model, text only, no
+        MoE aux loss and no entropy bonus (TRL's own kernel differentiates the entropy; this one does not)."""
+        divergence = self.components.divergence
+        if divergence is None or not divergence.uses_hidden_states():
+            return False
+        if compute_aux_loss or any(v is not None for v in extra.values()) or self._entropy_bonus_enabled:
+            return False
+        unwrap = self.accelerator.unwrap_model
+        return unwrap(model) is unwrap(self.model)
+
+    def fused_policy_logps(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           logits_to_keep: int, batch_size: int | None, compute_entropy: bool) -> tuple:
+        """TRL's ``(log-probs, entropies, aux)`` of the last ``logits_to_keep`` tokens, ``batch_size`` rows per
+        forward, from the final hidden states and the lm head in chunks of the divergence's ``chunk_size`` tokens:
+        no ``(b, T, V)`` logits (TRL's kernel takes up to 32,768 positions, prompt included, per tile). When the
+        next divergence term will need them, the micro-batch's hidden states are kept for it (one forward serves
+        both terms)."""
+        chunk = getattr(self.components.divergence.params, "chunk_size", 0) or 256
+        size = batch_size or input_ids.shape[0]
+        unwrapped, outs = self.accelerator.unwrap_model(model), []
+        for lo in range(0, input_ids.shape[0], size):
+            ids, am = input_ids[lo:lo + size], attention_mask[lo:lo + size]
+            completion = ids[:, -logits_to_keep:]
+            outs.append(fused_outputs(model, unwrapped, ids, am, completion, am[:, -logits_to_keep:].float(),
+                                      self.temperature, chunk, entropy=compute_entropy))
+        if self.step.capture and torch.is_grad_enabled() and len(outs) == 1:
+            self.step.captured_outputs = outs[0]
+        logps = torch.cat([o.token_logps for o in outs]) if len(outs) > 1 else outs[0].token_logps
+        entropies = None if not compute_entropy else torch.cat([o.entropy for o in outs])
+        return logps, entropies, None
 
     def student_outputs(self, model: Any, inputs: dict[str, Any], *, grad: bool = True) -> StudentOutputs:
         """The student's per-token log-probs (and logits when the divergence needs the full vocabulary).
@@ -766,6 +815,12 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         full = divergence is not None and divergence.requires() in ("topk", "full")  # both read student logits
         fused = divergence is not None and divergence.uses_hidden_states()
         entropy = any(tw.needs_entropy() for tw in self.components.token_weighting)
+        captured = self.step.captured_outputs
+        self.step.captured_outputs = None
+        if grad and fused and captured is not None and (captured.entropy is not None or not entropy):
+            self.step.take_captured()  # the same forward's log-probs: the hidden states carry them
+            return StudentOutputs(token_logps=captured.token_logps, mask=mask, hidden=captured.hidden,
+                                  lm_head=captured.lm_head, entropy=captured.entropy)
         if grad and not full and not fused and self.step.captured_logps is not None:
             logps, captured_entropy = self.step.take_captured()
             if captured_entropy is not None or not entropy:
@@ -796,7 +851,7 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         w_pg = self.weight(c.pg_weight)
         w_div = self.weight(c.div_weight) if c.divergence is not None else 0.0
         terms: dict[str, torch.Tensor] = {}
-        self.step.captured_logps = None
+        self.step.captured_logps = self.step.captured_outputs = None
         correction = inputs.get("correction_weights")
         if correction is not None:  # w ≥ 0 commutes with PPO's min: equals weighting the per-token PG loss
             inputs = {**inputs, "advantages": weight_advantages(inputs["advantages"], correction)}
@@ -819,7 +874,7 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
                     self._log(f"sampler/{key}", value)
             if w_div == 0:
                 self.diagnose_without_divergence(inputs)
-                self.step.captured_logps = None
+                self.step.captured_logps = self.step.captured_outputs = None
         if w_div != 0:
             terms["divergence"] = w_div * self.divergence_loss(model, inputs)
         version = inputs.get("policy_version")

@@ -34,7 +34,10 @@ class StepState:
 
     * ``capture``: the next policy-gradient forward should keep its token log-probs for the divergence term;
     * ``captured_logps``: those ``(B, T)`` log-probs (with gradient), handed over once, with ``captured_entropy``
-      (the exact ``(B, T)`` entropies TRL's forward computed, or None).
+      (the exact ``(B, T)`` entropies TRL's forward computed, or None);
+    * ``captured_outputs``: with ``fused_lm_head``, that forward's whole
+      :class:`~opd_plugins.divergences.base.StudentOutputs` (final hidden states with gradient, lm head, token
+      log-probs), so the divergence term reuses the forward instead of running its own.
     """
 
     rows: list[dict[str, Any]] | None = None
@@ -52,6 +55,7 @@ class StepState:
     capture: bool = False
     captured_logps: torch.Tensor | None = None
     captured_entropy: torch.Tensor | None = None
+    captured_outputs: Any = None
 
     def new_generation_batch(self, rows: list[dict[str, Any]]) -> None:
         """Forget the previous generation batch's data; keep this one's rows."""

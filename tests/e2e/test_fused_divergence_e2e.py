@@ -168,3 +168,93 @@ def test_trainer_refuses_a_trained_lm_head_copy_with_fused_lm_head(tmp_path, opd
     tr = trainer(tmp_path / "run", opd_tokenizer, model, components=comps, max_steps=1)
     with pytest.raises(OPDError, match="fused_lm_head .* PEFT adapter"):
         tr.train()
+
+
+def test_fused_lm_head_serves_both_terms_from_one_student_forward(tmp_path, opd_tokenizer, teacher_dir, monkeypatch):
+    """With ``fused_lm_head`` and a policy-gradient term, the policy's log-probs come from the fused head (never
+    TRL's ``fused_lm_head=True`` forward, whose tile is up to 32,768 positions) and the divergence reuses that
+    forward's hidden states: one student forward with gradient per micro-batch of the loss."""
+    import opd_plugins.trainers.opd_trainer as module
+
+    calls = {"loss": 0, "grad_forwards": 0, "trl_kernel": 0}
+    real_fused, real_loss = module.fused_outputs, module.OPDTrainer._compute_loss
+
+    def counting_fused(*args, **kwargs):
+        calls["grad_forwards"] += torch.is_grad_enabled()
+        return real_fused(*args, **kwargs)
+
+    def counting_loss(self, model, inputs):
+        calls["loss"] += 1
+        return real_loss(self, model, inputs)
+
+    monkeypatch.setattr(module, "fused_outputs", counting_fused)
+    monkeypatch.setattr(module.OPDTrainer, "_compute_loss", counting_loss)
+    divergence, params, slots, _ = CASES["reverse_kl_hybrid_with_divergence_reward"]
+    tr, _ = _build(tmp_path, opd_tokenizer, teacher_dir, divergence, params, fused=True, **slots)
+    model = tr.accelerator.unwrap_model(tr.model)
+    trl_forward = model.forward
+
+    def spy(*args, fused_lm_head=False, **kwargs):
+        calls["trl_kernel"] += bool(fused_lm_head)
+        return trl_forward(*args, fused_lm_head=fused_lm_head, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    tr.train()
+    assert calls["loss"] >= 2 and calls["grad_forwards"] == calls["loss"], calls
+    assert calls["trl_kernel"] == 0, calls
+
+
+def test_an_entropy_bonus_keeps_trls_policy_forward(tmp_path, opd_tokenizer, teacher_dir):
+    """TRL differentiates the entropy for its entropy bonus; the fused head's entropy has no gradient, so the
+    policy-gradient forward stays TRL's then."""
+    divergence, params, slots, _ = CASES["reverse_kl_hybrid_with_divergence_reward"]
+    comps = Components.build(teacher=("hf_model", {"model": str(teacher_dir)}),
+                             divergence=(divergence, {**params, "fused_lm_head": True}), **slots)
+    tr = trainer(tmp_path, opd_tokenizer, _student(opd_tokenizer), components=comps,
+                 reward_funcs=[even_token_reward], max_steps=1, entropy_coef=0.01)
+    assert not tr.fused_policy_head(tr.model, False, {})
+    tr.args.entropy_coef, tr._entropy_bonus_enabled = 0.0, False
+    assert tr.fused_policy_head(tr.model, False, {})
+    assert not tr.fused_policy_head(tr.model, True, {})  # a MoE aux loss: TRL's forward
+    assert not tr.fused_policy_head(tr.model, False, {"pixel_values": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("teacher", ["hf_model", "self_context"])
+def test_the_teacher_gives_its_head_at_loss_time_with_the_same_result(teacher, tmp_path, opd_tokenizer, teacher_dir,
+                                                                      monkeypatch):
+    """With ``fused_lm_head`` a local teacher scored at loss time answers with its hidden states and lm head
+    (never a micro-batch's (b, T, V) log-probs), and training is the same as from its log-probs on the logits
+    path. ``self_context`` with initial weights and full fine-tuning swaps its weights in and out, so its head is a
+    copy."""
+    import opd_plugins.trainers.opd_trainer as module
+
+    forms = []
+    real = module.OPDTrainer.loss_time_teacher
+
+    def spy(self, inputs):
+        scores = real(self, inputs)
+        forms.append((scores.hidden is not None, scores.logps is not None))
+        return scores
+
+    monkeypatch.setattr(module.OPDTrainer, "loss_time_teacher", spy)
+    spec = ("hf_model", {"model": str(teacher_dir)}) if teacher == "hf_model" else \
+        ("self_context", {"weights": "initial"})
+    runs = {}
+    for fused in (False, True):
+        forms.clear()
+        comps = Components.build(teacher=spec, divergence=("forward_kl", {"chunk_size": 5, "fused_lm_head": fused}),
+                                 pg_weight=1.0, div_weight=1.0)
+        tr = trainer(tmp_path / f"{teacher}-{fused}", opd_tokenizer, _student(opd_tokenizer), components=comps,
+                     reward_funcs=[even_token_reward], max_steps=2, temperature=0.8)
+        grads = _Grads()
+        tr.add_callback(grads)
+        tr.train()
+        runs[fused] = (tr, grads)
+        assert forms and set(forms) == ({(True, False)} if fused else {(False, True)}), forms
+    (plain, plain_grads), (fused, fused_grads) = runs[False], runs[True]
+    for key in ("loss", "opd/divergence", "grad_norm"):
+        assert history(plain, key) == pytest.approx(history(fused, key), rel=1e-4, abs=1e-6), key
+    for step, (a, b) in enumerate(zip(plain_grads.steps, fused_grads.steps, strict=True)):
+        for name, g in a.items():  # float32 sums in another order: relative to the tensor's largest entry
+            err = float((b[name] - g).abs().max())
+            assert err <= 1e-6 + 1e-4 * float(g.abs().max()), (step, name, err)

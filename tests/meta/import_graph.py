@@ -26,7 +26,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
               "opd_plugins.registry", "opd_plugins.hookspecs", "opd_plugins.manager", "opd_plugins.correction",
               "opd_plugins.diagnostics",
               "opd_plugins.paths", "opd_plugins.variants", "opd_plugins.context", "opd_plugins.collective",
-              "opd_plugins.reveal")),
+              "opd_plugins.reveal", "opd_plugins.lm_head")),
     ("recipe", ("opd_plugins.recipe",)),
     ("kinds", ("opd_plugins.teachers", "opd_plugins.divergences", "opd_plugins.token_weighting",
                "opd_plugins.advantages", "opd_plugins.samplers", "opd_plugins.prompt_selection", "opd_plugins.rollout",

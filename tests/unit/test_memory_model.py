@@ -252,6 +252,21 @@ def test_recipe_rows_hold_one_generation_batch_of_scores_only_when_scored_at_gen
     assert auto.gen < row.gen - 2 * b_gen * T * V * 4 and auto.train < row.train
 
 
+def test_a_fused_divergence_takes_the_teachers_head_so_no_micro_batch_of_teacher_log_probs(settings):
+    s = dataclasses.replace(settings["opd_1p7b_from_8b_full"], fused_lm_head=True)
+    T, V, B = s.max_completion_length, s.model.vocab_size, s.per_device_train_batch_size
+    row, plain = mm.estimate(s, "ddp", 8), mm.estimate(settings["opd_1p7b_from_8b_full"], "ddp", 8)
+    b_gen = mm.gen_batch_per_device(s, 8)
+    kept = row.components["scores"] - mm.sampled_scores_bytes(b_gen, T)
+    hidden = B * T * s.teacher_model.hidden_size * 2  # bf16 teacher: its (B, T, H_t) final hidden states
+    assert hidden <= kept < B * T * V * 4 / 10
+    assert any("hidden states and lm head" in n for n in row.notes)
+    assert row.train < plain.train
+    # a generation-time teacher keeps its (B_gen, T, V) log-probs as before
+    generation = mm.estimate(dataclasses.replace(s, teacher_scoring="generation"), "ddp", 8)
+    assert generation.components["scores"] - mm.sampled_scores_bytes(b_gen, T) == b_gen * T * V * 4
+
+
 def test_teacher_weights_full_copy_unless_sharded(settings):
     s = settings["opd_1p7b_from_8b_lora"]
     full = mm.total_params(mm.MODEL_CONFIGS["Qwen/Qwen3-8B"]) * 2
