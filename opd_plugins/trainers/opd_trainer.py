@@ -529,9 +529,7 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         if prompts is None:
             prompts = self.step.student_prompts or [r.get("prompt") for r in rows]
         divergence = self.components.divergence
-        head_chunk = 0
-        if divergence is not None and divergence.takes_teacher_head():
-            head_chunk = getattr(divergence.params, "chunk_size", 0) or 256
+        head_chunk = self.fused_chunk() if divergence is not None and divergence.takes_teacher_head() else 0
         return TeacherBatch(
             prompt_ids=out["prompt_ids"], prompt_mask=out["prompt_mask"], completion_ids=out["completion_ids"],
             completion_mask=loss_mask(out).to(out["completion_mask"].dtype), prompts=list(prompts), rows=list(rows),
@@ -600,17 +598,12 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         am = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
         size = self.args.per_device_train_batch_size if self._mode() == "train" else self.args.per_device_eval_batch_size
         divergence = self.components.divergence
+        T = out["completion_ids"].shape[1]
         with torch.no_grad():
             if divergence is not None and divergence.uses_hidden_states():
                 # the divergence's own fused lm head, chunk by chunk: not even one micro-batch's (b, T, V) logits
-                chunk = getattr(divergence.params, "chunk_size", 0) or 256
-                unwrapped, completion = self.accelerator.unwrap_model(self.model), out["completion_ids"]
-                return torch.cat([fused_outputs(self.model, unwrapped, ids[lo:lo + size], am[lo:lo + size],
-                                                completion[lo:lo + size], out["completion_mask"][lo:lo + size],
-                                                self.temperature, chunk).token_logps
-                                  for lo in range(0, ids.shape[0], size)])
-            return self._get_per_token_logps_and_entropies(self.model, ids, am, out["completion_ids"].shape[1],
-                                                           batch_size=size)[0]
+                return self.fused_policy_logps(self.model, ids, am, T, size, False)[0]
+            return self._get_per_token_logps_and_entropies(self.model, ids, am, T, batch_size=size)[0]
 
     def by_micro_batch(self, out: dict[str, Any], rows: list[dict[str, Any]], scores: TeacherScores | None,
                        fn: Any) -> torch.Tensor:
@@ -778,6 +771,11 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         unwrap = self.accelerator.unwrap_model
         return unwrap(model) is unwrap(self.model)
 
+    def fused_chunk(self) -> int:
+        """Tokens per chunk of every fused lm-head computation (student and teacher): the divergence's
+        ``chunk_size``."""
+        return getattr(self.components.divergence.params, "chunk_size", 0) or 256
+
     def fused_policy_logps(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            logits_to_keep: int, batch_size: int | None, compute_entropy: bool) -> tuple:
         """TRL's ``(log-probs, entropies, aux)`` of the last ``logits_to_keep`` tokens, ``batch_size`` rows per
@@ -785,7 +783,7 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         no ``(b, T, V)`` logits (TRL's kernel takes up to 32,768 positions, prompt included, per tile). When the
         next divergence term will need them, the micro-batch's hidden states are kept for it (one forward serves
         both terms)."""
-        chunk = getattr(self.components.divergence.params, "chunk_size", 0) or 256
+        chunk = self.fused_chunk()
         size = batch_size or input_ids.shape[0]
         unwrapped, outs = self.accelerator.unwrap_model(model), []
         for lo in range(0, input_ids.shape[0], size):
@@ -829,7 +827,7 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
         am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             if fused:
-                chunk = getattr(divergence.params, "chunk_size", 0) or 256
+                chunk = self.fused_chunk()
                 return fused_outputs(model, self.accelerator.unwrap_model(model), ids, am, inputs["completion_ids"],
                                      mask, self.temperature, chunk, entropy=entropy)
             if full:
