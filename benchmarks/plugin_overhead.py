@@ -8,6 +8,16 @@ are reported. Peak memory (max RSS) is measured in two separate child processes,
 share a high-water mark.
 
     OMP_NUM_THREADS=2 python benchmarks/plugin_overhead.py [--rounds 10 --steps 10 --hidden 256 --layers 4]
+
+``--paired N`` measures instead in lockstep: the two trainers take turns step by step (TRL step 1, OPD step 1,
+TRL step 2, ...), each in its own process; a trainer holds the turn from the start of its step through its
+logging until the start of its next one, so nothing of one trainer runs during the other's step. Each OPD step
+is compared with the TRL step just before it, a fraction of a second apart, so the machine's drift in speed between rounds (a
+virtual machine's CPU share and frequency, which made the round medians range from 285 to 452 ms) falls out of the
+ratio. Reported: the median of the N - 1 paired ratios (the first pair is warm-up) with a 95% bootstrap interval,
+in wall and CPU time.
+
+    OMP_NUM_THREADS=2 python benchmarks/plugin_overhead.py --paired 200
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import random
 import tempfile
 import time
 
@@ -31,7 +42,7 @@ def reward(completion_ids, **kwargs):
     return [sum(1 for t in ids if t % 2 == 0) / max(len(ids), 1) for ids in completion_ids]
 
 
-def build(kind: str, out: str, steps: int, hidden: int, layers: int, seed: int = 0):
+def build(kind: str, out: str, steps: int, hidden: int, layers: int, seed: int = 0, extra_callbacks: tuple = ()):
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -58,13 +69,106 @@ def build(kind: str, out: str, steps: int, hidden: int, layers: int, seed: int =
     model = build_tiny_model(tok, seed=seed, hidden=hidden, layers=layers)
     if kind == "trl":
         tr = GRPOTrainer(model=model, reward_funcs=[reward], args=GRPOConfig(**common), train_dataset=ds,
-                         processing_class=tok, callbacks=[Timer()])
+                         processing_class=tok, callbacks=[Timer(), *extra_callbacks])
     else:
         comps = Components.build(advantage=("grpo", {"scale": "group"}), rollout="hf_generate", sampler="none",
                                  pg_weight=1.0)
         tr = OPDTrainer(model=model, reward_funcs=[reward], args=OPDConfig(**common), train_dataset=ds,
-                        processing_class=tok, components=comps, callbacks=[Timer()])
+                        processing_class=tok, components=comps, callbacks=[Timer(), *extra_callbacks])
     return tr, times
+
+
+class Turns:
+    """Two trainers in two processes taking turns, one optimizer step each. A trainer waits for its turn at the
+    start of each step and hands the turn over at the start of its next step (or at the end of its training), so
+    its logging and data loading after a step happen before the other trainer's step begins. (Processes, not
+    threads: two trainers in two threads of one process ran each step about twice as slowly.)"""
+
+    def __init__(self, ctx=None) -> None:
+        import multiprocessing
+
+        ctx = ctx or multiprocessing.get_context("spawn")
+        self.sems = (ctx.Semaphore(1), ctx.Semaphore(0))    # trainer 0 has the first turn
+        self.done = ctx.Array("b", [0, 0])
+
+    def callback(self, me: int):
+        from transformers import TrainerCallback
+
+        turns, started = self, [False]
+
+        class Turn(TrainerCallback):
+            # Callbacks run in registration order; the Timer is moved after this one (paired_child), so the wait
+            # for the turn is not timed.
+            def on_step_begin(self, args, state, control, **kw):
+                if started[0]:
+                    turns.sems[1 - me].release()
+                started[0] = True
+                while not turns.sems[me].acquire(timeout=0.05):
+                    if turns.done[1 - me]:
+                        return
+
+            def on_train_end(self, args, state, control, **kw):
+                turns.done[me] = 1
+                turns.sems[1 - me].release()
+
+        return Turn()
+
+
+def paired_child(kind: str, me: int, turns: Turns, pairs: int, hidden: int, layers: int, seed: int, out) -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    with tempfile.TemporaryDirectory() as d:
+        tr, times = build(kind, d, pairs, hidden, layers, seed=seed, extra_callbacks=(turns.callback(me),))
+        cbs = tr.callback_handler.callbacks
+        timer = next(c for c in cbs if type(c).__name__ == "Timer")
+        cbs.remove(timer)
+        cbs.append(timer)
+        try:
+            tr.train()
+        finally:
+            turns.done[me] = 1
+            turns.sems[1 - me].release()
+    out.put((kind, times))
+
+
+def paired(pairs: int, hidden: int, layers: int, seed: int = 0) -> dict:
+    """Both trainers in lockstep (:class:`Turns`), each in its own process; per-step (wall, CPU) times of each,
+    step k of OPD right after step k of TRL."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    turns, out = Turns(ctx), ctx.Queue()
+    procs = [ctx.Process(target=paired_child, args=(kind, i, turns, pairs, hidden, layers, seed, out))
+             for i, kind in enumerate(("trl", "opd"))]
+    for p in procs:
+        p.start()
+    results = {}
+    for _ in procs:
+        kind, times = out.get(timeout=3600)
+        results[kind] = times
+    for p in procs:
+        p.join()
+        if p.exitcode:
+            raise RuntimeError(f"a paired trainer process exited with {p.exitcode}")
+    return results
+
+
+def paired_summary(times: dict, seed: int = 0, resamples: int = 2000) -> dict:
+    """Median paired ratio OPD/TRL (step k against step k, the first pair left out) with a 95% bootstrap
+    interval, for wall and CPU time."""
+    trl, opd = times["trl"][1:], times["opd"][1:]
+    n = min(len(trl), len(opd))
+    rng = random.Random(seed)
+    out: dict = {"pairs": n}
+    for i, name in enumerate(("wall", "cpu")):
+        ratios = [opd[k][i] / trl[k][i] for k in range(n)]
+        boot = sorted(statistics.median(rng.choices(ratios, k=n)) for _ in range(resamples))
+        out[name] = {"median_ratio": round(statistics.median(ratios), 4),
+                     "ci95": [round(boot[int(0.025 * resamples)], 4), round(boot[int(0.975 * resamples) - 1], 4)],
+                     "median_ms": {"trl": round(statistics.median(t[i] for t in trl) * 1000, 2),
+                                   "opd": round(statistics.median(t[i] for t in opd) * 1000, 2)}}
+    return out
 
 
 def child(kind: str, steps: int, hidden: int, layers: int) -> None:
@@ -81,10 +185,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--paired", type=int, metavar="N", help="N steps of each trainer in lockstep instead of rounds")
     ap.add_argument("--child", choices=["trl", "opd"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         return child(a.child, a.steps, a.hidden, a.layers)
+    if a.paired:
+        if a.paired < 3:
+            ap.error("--paired needs at least 3 steps (the first pair is warm-up)")
+        result = paired_summary(paired(a.paired, a.hidden, a.layers))
+        print(json.dumps({**result, "config": vars(a)}, indent=1))
+        return None
 
     import torch
 

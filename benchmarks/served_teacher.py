@@ -54,7 +54,7 @@ def main() -> int:
     import torch
 
     from opd_plugins.models import load_tokenizer
-    from opd_plugins.serve import spawn_server
+    from opd_plugins.teachers._local_server import spawn_server
     from opd_plugins.teachers.base import TeacherBatch
     from opd_plugins.teachers.openai_server import OpenAIServerTeacher
     from opd_plugins.testing.contracts import fake_trainer
