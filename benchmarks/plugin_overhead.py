@@ -12,9 +12,9 @@ share a high-water mark.
 ``--paired N`` measures instead in lockstep: the two trainers take turns step by step (TRL step 1, OPD step 1,
 TRL step 2, ...), each in its own process; a trainer holds the turn from the start of its step through its
 logging until the start of its next one, so nothing of one trainer runs during the other's step. Each OPD step
-is compared with the TRL step just before it, a fraction of a second apart, so the machine's drift in speed between rounds (a
-virtual machine's CPU share and frequency, which made the round medians range from 285 to 452 ms) falls out of the
-ratio. Reported: the median of the N - 1 paired ratios (the first pair is warm-up) with a 95% bootstrap interval,
+is compared with the TRL step just before it, a fraction of a second apart, so the machine's drift in speed
+between rounds (a virtual machine's CPU share and frequency, which made the round medians range from 285 to 452 ms)
+falls out of the ratio. Reported: the median of the N - 1 paired ratios (the first pair is warm-up) with a 95% bootstrap interval,
 in wall and CPU time.
 
     OMP_NUM_THREADS=2 python benchmarks/plugin_overhead.py --paired 200
@@ -69,12 +69,12 @@ def build(kind: str, out: str, steps: int, hidden: int, layers: int, seed: int =
     model = build_tiny_model(tok, seed=seed, hidden=hidden, layers=layers)
     if kind == "trl":
         tr = GRPOTrainer(model=model, reward_funcs=[reward], args=GRPOConfig(**common), train_dataset=ds,
-                         processing_class=tok, callbacks=[Timer(), *extra_callbacks])
+                         processing_class=tok, callbacks=[*extra_callbacks, Timer()])
     else:
         comps = Components.build(advantage=("grpo", {"scale": "group"}), rollout="hf_generate", sampler="none",
                                  pg_weight=1.0)
         tr = OPDTrainer(model=model, reward_funcs=[reward], args=OPDConfig(**common), train_dataset=ds,
-                        processing_class=tok, components=comps, callbacks=[Timer(), *extra_callbacks])
+                        processing_class=tok, components=comps, callbacks=[*extra_callbacks, Timer()])
     return tr, times
 
 
@@ -97,7 +97,7 @@ class Turns:
         turns, started = self, [False]
 
         class Turn(TrainerCallback):
-            # Callbacks run in registration order; the Timer is moved after this one (paired_child), so the wait
+            # Callbacks run in registration order and build() registers the Timer after this one, so the wait
             # for the turn is not timed.
             def on_step_begin(self, args, state, control, **kw):
                 if started[0]:
@@ -120,15 +120,12 @@ def paired_child(kind: str, me: int, turns: Turns, pairs: int, hidden: int, laye
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     with tempfile.TemporaryDirectory() as d:
         tr, times = build(kind, d, pairs, hidden, layers, seed=seed, extra_callbacks=(turns.callback(me),))
-        cbs = tr.callback_handler.callbacks
-        timer = next(c for c in cbs if type(c).__name__ == "Timer")
-        cbs.remove(timer)
-        cbs.append(timer)
         try:
             tr.train()
-        finally:
-            turns.done[me] = 1
+        except BaseException:
+            turns.done[me] = 1              # a crash must not leave the other trainer waiting for its turn
             turns.sems[1 - me].release()
+            raise
     out.put((kind, times))
 
 

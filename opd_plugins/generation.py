@@ -32,12 +32,12 @@ def generate_batch(model: Any, tokenizer: Any, prompts: list[Any], *, max_new_to
              for q in prompts]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     enc = enc.to(next(model.parameters()).device)
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
-                              "eos_token_id": tokenizer.eos_token_id}
     if temperature == 0 and tokenizer.eos_token_id is not None and _greedy_can_drop_rows(model):
         tokens = greedy_dropping_finished(model, enc["input_ids"], enc["attention_mask"],
                                           max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
         return tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
+                              "eos_token_id": tokenizer.eos_token_id}
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
     else:
