@@ -205,7 +205,8 @@ def teacher_accuracy(teacher: dict[str, Any], plan: Plan) -> dict[str, Any]:
 
 
 def table(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per arm: final accuracy ± SE, tokens used, tokens to reach GRPO's final accuracy and GRPO tokens / those."""
+    """Per arm: final accuracy ± SE, tokens used, tokens to reach GRPO's final accuracy and GRPO tokens / those (on
+    the curves averaged over seeds), and the same ratio seed by seed (``per_seed``)."""
     grpo = results.get("grpo")
     target = grpo["summary"]["final"]["accuracy"] if grpo else None
     start = grpo["summary"]["curve"][0]["accuracy"] if grpo else None
@@ -214,34 +215,73 @@ def table(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     for name, arm in results.items():
         s = arm["summary"]
         reach = _arms.tokens_to_reach(s["curve"], target) if target is not None else None
-        if target is None:
-            ratio, note = None, "no grpo arm"
-        elif target <= start:
-            ratio, note = None, "GRPO did not improve on the initial model"
-        elif reach is None:
-            ratio, note = None, "not reached"
-        else:
-            ratio, note = grpo_tokens / reach, ""
+        ratio, note = _ratio(target, start, grpo_tokens, reach)
         rows.append({"arm": name, "accuracy": s["final"]["accuracy"], "se": s["final"]["se"], "se_over": s["se_over"],
                      "tokens_used": s["final"]["tokens"], "tokens_to_grpo_final": reach,
-                     "grpo_tokens_over_arm_tokens": ratio, "note": note})
+                     "grpo_tokens_over_arm_tokens": ratio, "note": note, "per_seed": per_seed(grpo, arm)})
     return rows
 
 
-def show(rows: list[dict[str, Any]], teacher: dict[str, Any] | None, initial: dict[str, Any]) -> str:
+def _ratio(target: float | None, start: float | None, grpo_tokens: float | None,
+           reach: float | None) -> tuple[float | None, str]:
+    if target is None:
+        return None, "no grpo arm"
+    if target <= start:
+        return None, "GRPO did not improve on the initial model"
+    if reach is None:
+        return None, "not reached"
+    return grpo_tokens / reach, ""
+
+
+def per_seed(grpo: dict[str, Any] | None, arm: dict[str, Any]) -> list[dict[str, Any]]:
+    """The arm's run of each seed against the GRPO run of the same seed (same data order, same initial weights):
+    the tokens it needed to reach that GRPO run's final accuracy, and GRPO's tokens over them. A pairing that the
+    mean curves hide: one seed's late GRPO jump and another's early one average into a curve neither run had."""
+    if not grpo:
+        return []
+    out = []
+    for g, r in zip(grpo.get("runs", []), arm.get("runs", [])):
+        if g["seed"] != r["seed"]:
+            raise ValueError(f"runs out of seed order: grpo seed {g['seed']} against seed {r['seed']}")
+        target, start = g["checkpoints"][-1]["accuracy"], g["checkpoints"][0]["accuracy"]
+        reach = _arms.tokens_to_reach(r["checkpoints"], target)
+        ratio, note = _ratio(target, start, _arms.tokens_to_reach(g["checkpoints"], target), reach)
+        out.append({"seed": r["seed"], "grpo_final": target, "tokens_to_grpo_final": reach, "ratio": ratio,
+                    "note": note})
+    return out
+
+
+def show(rows: list[dict[str, Any]], teacher: dict[str, Any] | None, initial: dict[str, Any],
+         results: dict[str, dict[str, Any]] | None = None) -> str:
+    """The table (markdown), the reference accuracies, and with ``results`` the accuracy at every checkpoint."""
     def num(v: float | None, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
+
+    def seeds(r: dict[str, Any]) -> str:
+        short = {"GRPO did not improve on the initial model": "no GRPO gain"}
+        return ", ".join(num(p["ratio"], ".2f") if p["ratio"] is not None else short.get(p["note"], p["note"])
+                         for p in r["per_seed"]) or "-"
 
     body = [[r["arm"], f"{r['accuracy']:.3f} ± {r['se']:.3f}", f"{r['tokens_used']:,.0f}",
              num(r["tokens_to_grpo_final"], ",.0f") if r["tokens_to_grpo_final"] is not None else r["note"],
              num(r["grpo_tokens_over_arm_tokens"], ".2f") if r["grpo_tokens_over_arm_tokens"] is not None
-             else r["note"] or "-"] for r in rows]
+             else r["note"] or "-", seeds(r)] for r in rows]
     text = _arms.markdown_table(["arm", "final accuracy ± SE", "tokens used", "tokens to GRPO's final accuracy",
-                                 "GRPO tokens / arm tokens"], body)
+                                 "GRPO tokens / arm tokens", "per seed"], body)
     text += f"\n\nbefore training: {initial['accuracy']:.3f} ± {initial['stderr']:.3f} (n={initial['n']})"
     if teacher and teacher.get("accuracy") is not None:
         text += f"; teacher: {teacher['accuracy']:.3f} ± {teacher['stderr']:.3f} (n={teacher['n']})"
-    return text + "\n(tokens to reach: linear interpolation between the two checkpoints around the crossing)"
+    text += ("\n(tokens to reach: linear interpolation between the two checkpoints around the crossing; per seed: "
+             "each seed's run against GRPO's run of that seed)")
+    if results:
+        curves = {name: arm["summary"]["curve"][1:] for name, arm in results.items()}
+        width = max(len(c) for c in curves.values())
+        header = ["arm", *[f"checkpoint {k}" for k in range(1, width + 1)]]
+        cells = [[name, *[f"{p['accuracy']:.3f} ± {p['se']:.3f} @ {p['tokens']:,.0f}" for p in curve]]
+                 for name, curve in curves.items()]
+        text += "\n\nheld-out accuracy ± SE @ mean student tokens, at every checkpoint:\n\n"
+        text += _arms.markdown_table(header, cells)
+    return text
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,7 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retrain-teacher", action="store_true", help="train the teacher again even if one is cached")
     ap.add_argument("--probe", action="store_true", help="only measure the base model on the candidate tasks (JSON: "
                                                          "--out's name with _probe)")
+    ap.add_argument("--from-json", type=Path, metavar="JSON", help="no training: print the table and draw the curves "
+                    "again from a run's JSON (--png, default: its name with .png)")
     a = ap.parse_args(argv)
+    if a.from_json:
+        return redraw(a.from_json, a.png)
     names, budget, eval_n, plan_evals = _arms.resolve_arguments(ap, a, ARM_NAMES, budget=BUDGET,
                                                                 quick_budget=QUICK_BUDGET)
 
@@ -354,16 +398,46 @@ def main(argv: list[str] | None = None) -> int:
         }
         results = _arms.run_arms(BENCH, BASE_RECIPE, arms(teacher["path"] if teacher else "", names, a.op), plan, work,
                                  a.out, report)
-    rows = table(results)
     png = a.png or a.out.with_suffix(".png")
+    rows = render(results, report, png)
     report.update(complete=True, table=rows, png=str(png), wall_s=round(time.monotonic() - t0))
+    _arms.write_json(a.out, report)
+    print(show(rows, teacher, report["initial"], results))
+    print(f"\nwrote {a.out} and {png} ({report['wall_s']} s)")
+    return 0
+
+
+def render(results: dict[str, dict[str, Any]], report: dict[str, Any], png: Path) -> list[dict[str, Any]]:
+    """The table's rows, and the curves drawn to ``png`` with the teacher's and GRPO's final accuracy as lines."""
+    teacher, task = report.get("teacher"), report["task"]
     lines = [("teacher", teacher["accuracy"])] if teacher else []
     if "grpo" in results:
         lines.append(("GRPO final", results["grpo"]["summary"]["final"]["accuracy"]))
-    _arms.plot_curves(png, results, f"{a.op} {a.digits}-digit, {budget:,} student tokens per arm", lines)
-    _arms.write_json(a.out, report)
-    print(show(rows, teacher, report["initial"]))
-    print(f"\nwrote {a.out} and {png} ({report['wall_s']} s)")
+    title = f"{task['op']} {task['digits']}-digit, {report['settings']['budget']:,} student tokens per arm"
+    _arms.plot_curves(png, results, title, lines)
+    return table(results)
+
+
+def redraw(path: Path, png: Path | None) -> int:
+    """``--from-json``: the table and the curves again from a run's JSON, without training and without rewriting
+    it. A partial JSON (a run stopped part-way) gives them for the arms it holds."""
+    if not path.is_file():
+        raise SystemExit(f"--from-json {path}: no such file")
+    try:
+        report = _read_json(path)
+        results = report["arms"]
+        runs = [run for arm in results.values() for run in arm["runs"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--from-json {path}: not an efficiency benchmark's JSON ({type(e).__name__}: {e})") from e
+    if report.get("benchmark") != BENCH or not runs:
+        raise SystemExit(f"--from-json {path}: no arm of an efficiency benchmark in it (benchmark "
+                         f"{report.get('benchmark')!r}, {len(runs)} runs)")
+    initial = report.get("initial") or {k: runs[0]["checkpoints"][0][k] for k in ("accuracy", "stderr", "n")}
+    png = png or path.with_suffix(".png")
+    rows = render(results, report, png)
+    state = "" if report.get("complete") else f" (partial: {', '.join(results)} so far)"
+    print(show(rows, report.get("teacher"), initial, results))
+    print(f"\nfrom {path}{state}; wrote {png}")
     return 0
 
 

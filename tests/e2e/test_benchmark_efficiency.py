@@ -26,9 +26,18 @@ def test_quick_runs_every_arm_to_the_same_budget(tmp_path):
                for row in r["table"])
     header, arms = table_rows(proc.stdout)
     assert header == ["arm", "final accuracy ± SE", "tokens used", "tokens to GRPO's final accuracy",
-                      "GRPO tokens / arm tokens"]
+                      "GRPO tokens / arm tokens", "per seed"]
     assert arms == ARMS
     assert "[efficiency] opd seed 0:" in proc.stderr  # progress lines
+    assert all([p["seed"] for p in row["per_seed"]] == [0] for row in r["table"])
+
+    # --from-json: the same tables again, the curves drawn, the JSON left as it was
+    out = tmp_path / "efficiency.json"
+    before = out.read_bytes()
+    again = run("efficiency.py", tmp_path, "--from-json", str(out), "--png", str(tmp_path / "again.png"))
+    tables = proc.stdout[proc.stdout.index("| arm |"):proc.stdout.index("\nwrote ")]
+    assert again.stdout.startswith(tables) and "held-out accuracy ± SE @ mean student tokens" in tables
+    assert (tmp_path / "again.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.read_bytes() == before
 
 
 def test_student_tokens_equal_trls_completion_lengths(tmp_path, opd_tokenizer):
@@ -72,6 +81,39 @@ def test_tokens_to_reach_interpolates_between_checkpoints():
     assert grpo["tokens_to_grpo_final"] == pytest.approx(150.0) and grpo["grpo_tokens_over_arm_tokens"] == 1.0
     assert opd["tokens_to_grpo_final"] == pytest.approx(50.0)
     assert opd["grpo_tokens_over_arm_tokens"] == pytest.approx(3.0)
+
+
+def test_per_seed_ratios_pair_each_seed_with_grpos_run_of_that_seed():
+    def run(seed, accs, tokens=(0, 100, 200)):
+        return {"seed": seed, "checkpoints": [{"tokens": t, "accuracy": a} for t, a in zip(tokens, accs)]}
+
+    grpo = {"runs": [run(0, [0.2, 0.3, 0.8]), run(1, [0.2, 0.6, 0.7]), run(2, [0.2, 0.2, 0.1])]}
+    opd = {"runs": [run(0, [0.2, 0.9, 0.9]), run(1, [0.2, 0.5, 0.6]), run(2, [0.2, 0.5, 0.5])]}
+    got = efficiency.per_seed(grpo, opd)
+    assert [p["seed"] for p in got] == [0, 1, 2] and [p["grpo_final"] for p in got] == [0.8, 0.7, 0.1]
+    # seed 0: GRPO reaches its 0.8 at its last checkpoint (200); opd at 0.2 + 0.6/0.7 of the way to 100 tokens
+    assert got[0]["tokens_to_grpo_final"] == pytest.approx(600 / 7)
+    assert got[0]["ratio"] == pytest.approx(200 / (600 / 7)) and got[0]["note"] == ""
+    assert got[1]["ratio"] is None and got[1]["note"] == "not reached"  # opd's 0.6 < 0.7
+    assert got[2]["ratio"] is None and got[2]["note"] == "GRPO did not improve on the initial model"
+    assert [p["ratio"] for p in efficiency.per_seed(grpo, grpo)][:2] == [1.0, 1.0]
+    assert efficiency.per_seed(None, opd) == []
+    with pytest.raises(ValueError, match="seed order"):
+        efficiency.per_seed(grpo, {"runs": [run(1, [0.2, 0.5, 0.6])]})
+
+
+def test_from_json_refuses_what_is_not_an_efficiency_run(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no such file"):
+        efficiency.main(["--from-json", str(tmp_path / "missing.json")])
+    other = tmp_path / "samplers.json"
+    other.write_text(json.dumps({"benchmark": "samplers", "arms": {}}))
+    with pytest.raises(SystemExit, match="no arm of an efficiency benchmark in it"):
+        efficiency.main(["--from-json", str(other)])
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(SystemExit, match="not an efficiency benchmark's JSON"):
+        efficiency.main(["--from-json", str(broken)])
+    assert not list(tmp_path.glob("*.png"))
 
 
 def _arms_summary(curve):

@@ -53,7 +53,13 @@ def check_arms(report: dict[str, Any], arms: list[str]) -> None:
 
 
 def table_rows(stdout: str) -> tuple[list[str], list[str]]:
-    """The printed markdown table's header cells and its rows' first cells (the arms)."""
-    lines = [line for line in stdout.splitlines() if line.startswith("| ")]
+    """The first printed markdown table's header cells and its rows' first cells (the arms)."""
+    lines = []
+    for line in stdout.splitlines():
+        if line.startswith("|"):
+            lines.append(line)
+        elif lines:
+            break
+    lines = [line for line in lines if line.startswith("| ")]  # not the |---| rule
     header = [c.strip() for c in lines[0].split("|")[1:-1]]
     return header, [line.split("|")[1].strip() for line in lines[1:]]
