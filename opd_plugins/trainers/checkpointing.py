@@ -41,6 +41,9 @@ class AtomicCheckpointMixin:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = False
+        # every rank writes into the staged directory (its own rng_state_<rank>.pth, sharded optimizer state): publish
+        # only once all have, or a late rank recreates the staging directory after the rename and its files are lost
+        self.accelerator.wait_for_everyone()
         if self.args.should_save:
             self._before_publish(staged)
             mark_complete(staged)
