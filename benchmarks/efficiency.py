@@ -44,6 +44,7 @@ not move it (0.235 -> 0.240), and one-digit multiplication has only 16 held-out 
     OMP_NUM_THREADS=2 python benchmarks/efficiency.py --probe
     OMP_NUM_THREADS=2 python benchmarks/efficiency.py [--budget 10000 --seeds 1 --eval-n 200 --out efficiency.json]
     python benchmarks/efficiency.py --quick        # tiny in-process models, a smoke test (seconds)
+    python benchmarks/efficiency.py --from-json efficiency.json   # the tables and curves again, no training
 """
 
 from __future__ import annotations
@@ -424,10 +425,10 @@ def redraw(path: Path, png: Path | None) -> int:
     if not path.is_file():
         raise SystemExit(f"--from-json {path}: no such file")
     try:
-        report = _read_json(path)
+        report = json.loads(path.read_text())
         results = report["arms"]
         runs = [run for arm in results.values() for run in arm["runs"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise SystemExit(f"--from-json {path}: not an efficiency benchmark's JSON ({type(e).__name__}: {e})") from e
     if report.get("benchmark") != BENCH or not runs:
         raise SystemExit(f"--from-json {path}: no arm of an efficiency benchmark in it (benchmark "
