@@ -43,6 +43,7 @@ not move it (0.235 -> 0.240), and one-digit multiplication has only 16 held-out 
 
     OMP_NUM_THREADS=2 python benchmarks/efficiency.py --probe
     OMP_NUM_THREADS=2 python benchmarks/efficiency.py [--budget 10000 --seeds 1 --eval-n 200 --out efficiency.json]
+    OMP_NUM_THREADS=2 python benchmarks/efficiency.py ... --set trainer.args.mask_truncated_completions=true
     python benchmarks/efficiency.py --quick        # tiny in-process models, a smoke test (seconds)
     python benchmarks/efficiency.py --from-json efficiency.json   # the tables and curves again, no training
 """
@@ -347,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
                     "training and of every arm (default: the recipes' 32; evaluation keeps its own max_new_tokens)")
     ap.add_argument("--teacher-steps", type=int, help="trainer.args.max_steps of the teacher's training "
                     "(default: its recipe's)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a dotted recipe override for every arm, after the task's and before the arm's own "
+                         "(repeatable; validated before anything trains; not the teacher's), e.g. "
+                         "--set trainer.args.mask_truncated_completions=true")
     ap.add_argument("--retrain-teacher", action="store_true", help="train the teacher again even if one is cached")
     ap.add_argument("--probe", action="store_true", help="only measure the base model on the candidate tasks (JSON: "
                                                          "--out's name with _probe)")
@@ -384,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nwrote {out}")
             return 0
         plan = Plan(budget=budget, evals=plan_evals, seeds=a.seeds,
-                    common=(*task, *student_over, *_arms.eval_overrides(eval_n)))
+                    common=(*task, *student_over, *_arms.eval_overrides(eval_n), *a.sets))
+        if a.sets:
+            check_sets(plan, a.sets)
         t0 = time.monotonic()
         teacher: dict[str, Any] | None = None
         if any(n in ("opd", "opd_dense", "kdrl") for n in names):
@@ -406,6 +413,16 @@ def main(argv: list[str] | None = None) -> int:
     print(show(rows, teacher, report["initial"], results))
     print(f"\nwrote {a.out} and {png} ({report['wall_s']} s)")
     return 0
+
+
+def check_sets(plan: Plan, sets: list[str]) -> None:
+    """``--set``: the base recipe with every common override must validate before the teacher or any arm trains."""
+    from opd_plugins.errors import OPDError
+
+    try:
+        _arms.arm_recipe(BASE_RECIPE, plan.common, budget=plan.budget, pm=None)
+    except (OPDError, ValueError) as e:
+        raise SystemExit(f"--set {' '.join(sets)}: the arms' recipe does not validate:\n{e}") from e
 
 
 def render(results: dict[str, dict[str, Any]], report: dict[str, Any], png: Path) -> list[dict[str, Any]]:

@@ -2,6 +2,9 @@
 token counter against TRL's own completion lengths, the teacher's cache and merge, and the tokens-to-reach rule."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -190,3 +193,30 @@ def test_probe_measures_every_candidate_task(tmp_path):
     # one-digit multiplication has too few held-out problems to be the benchmark's task (n >= 200)
     assert [r["held_out_problems"] for r in rows] == [None, None, 16, None]
     assert not (tmp_path / "efficiency.json").exists()
+
+
+def test_set_overrides_reach_every_arm_after_the_benchmarks_own(tmp_path):
+    """``--set`` lands in each arm's recipe after the benchmark's settings: a shorter completion cap than --quick's 8
+    shows in the counted tokens, and the JSON records it with the other common overrides."""
+    out = tmp_path / "efficiency.json"
+    run("efficiency.py", tmp_path, "--quick", "--arms", "grpo,opd", "--out", str(out),
+        "--set", "trainer.args.max_completion_length=3", "--set", "trainer.args.mask_truncated_completions=true")
+    r = json.loads(out.read_text())
+    assert r["settings"]["common_overrides"][-2:] == ["trainer.args.max_completion_length=3",
+                                                      "trainer.args.mask_truncated_completions=true"]
+    for arm in r["arms"].values():
+        (only,) = arm["runs"]
+        assert only["batch_max_tokens"] == 4 * 3  # 4 rows per generation batch, 3 tokens each at most
+        assert all(b["tokens"] - a["tokens"] <= 12 for a, b in zip([{"tokens": 0}, *only["per_batch"]],
+                                                                   only["per_batch"]))
+
+
+def test_set_refuses_a_bad_override_before_anything_trains(tmp_path):
+    out = tmp_path / "efficiency.json"
+    proc = subprocess.run([sys.executable, str(_arms.ROOT / "benchmarks" / "efficiency.py"), "--quick", "--out",
+                           str(out), "--set", "trainer.args.mask_truncated=true"], cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "--set trainer.args.mask_truncated=true" in proc.stderr
+    assert "Did you mean 'mask_truncated_completions'?" in proc.stderr
+    assert not out.exists() and "[efficiency]" not in proc.stderr  # no teacher, no arm: no progress line yet
