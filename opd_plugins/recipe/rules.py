@@ -357,6 +357,16 @@ def pg_terms_rule(ctx: RecipeContext) -> list[Problem]:
     return problems
 
 
+def truncation_rule(ctx: RecipeContext) -> list[Problem]:
+    """``truncated_completions: mask_reward`` keeps cut completions in the divergence terms, TRL's
+    ``mask_truncated_completions`` removes them from every term: the two contradict each other."""
+    if ctx.args.get("truncated_completions") == "mask_reward" and ctx.args.get("mask_truncated_completions") is True:
+        return [Problem("trainer.args.truncated_completions", "mask_reward keeps truncated completions in the "
+                        "divergence terms and masks only their task reward, while mask_truncated_completions: true "
+                        "removes them from every loss term; choose one")]
+    return []
+
+
 def sampler_rule(ctx: RecipeContext) -> list[Problem]:
     """A ``swap`` sampler needs the hinted generation's behaviour log-probs: from the rollout backend, or from the
     trainer's own forward when the backend samples the policy itself."""
@@ -431,7 +441,7 @@ def diagnostics_rule(ctx: RecipeContext) -> list[Problem]:
 
 
 ON_POLICY_RULES = (teacher_needed_rule, capability_rule, reward_rule, batch_rule, rollout_args_rule, pg_terms_rule,
-                   reward_to_go_rule, sampler_rule, async_rollout_rule, diagnostics_rule)
+                   truncation_rule, reward_to_go_rule, sampler_rule, async_rollout_rule, diagnostics_rule)
 
 
 __all__ = ["GENERIC_RULES", "ON_POLICY_RULES", "RecipeContext", "device_problems", "launch_rule"]

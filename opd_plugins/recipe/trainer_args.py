@@ -30,7 +30,7 @@ FieldInfo = dict[str, Any]
 ``bool``, ``int``, ``float``, ``str``, ``list``, ``dict``, ``none`` or ``any``."""
 
 
-FIELDS_FORMAT = 2
+FIELDS_FORMAT = 3
 """Changes when :func:`describe_fields` describes fields differently (old cache files are then ignored)."""
 
 
@@ -85,6 +85,8 @@ def _atoms(tp: Any, kinds: set[str], choices: list[Any]) -> None:
     elif origin is typing.Literal:
         for value in typing.get_args(tp):
             kinds.add("none" if value is None else type(value).__name__)
+            if value is not None and value not in choices:
+                choices.append(value)
     elif tp is type(None) or tp is None:
         kinds.add("none")
     elif isinstance(tp, type) and issubclass(tp, enum.Enum):

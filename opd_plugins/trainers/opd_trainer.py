@@ -42,7 +42,7 @@ from opd_plugins.trainers.lookahead import DataLookahead
 from opd_plugins.trainers.opd_config import OPDConfig
 from opd_plugins.trainers.selection import detached, index_dataset, observe_batch
 from opd_plugins.trainers.step_state import StepState
-from opd_plugins.trainers.student import full_vocab_outputs, fused_outputs, loss_mask
+from opd_plugins.trainers.student import full_vocab_outputs, fused_outputs, loss_mask, truncated_rows
 
 
 class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
@@ -676,6 +676,8 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
                 raise OPDError(f"advantage {c.advantage.name!r} returned {advantages.shape[0]} values for {B} completions")
         else:
             advantages = torch.zeros(B, device=device)
+        if self.args.truncated_completions == "mask_reward" and self._has_rewards:
+            advantages = self.mask_truncated_rewards(out, advantages)
         excluded = c.advantage.excluded(inputs) if self._has_rewards and mode == "train" else None
         if excluded is not None and bool(excluded.any()):  # e.g. MC-GRPO's median pivots leave every loss term
             self.drop_rows(out, ~excluded.to(device))
@@ -707,6 +709,15 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
                 token_reward = reward_to_go(token_reward, mask, token_value)
             advantages = advantages + w_r * token_reward
         return advantages
+
+    def mask_truncated_rewards(self, out: dict[str, Any], advantages: torch.Tensor) -> torch.Tensor:
+        """``truncated_completions: mask_reward``: the task-reward advantage of every completion cut at the length
+        cap becomes 0 (before a divergence reward is added, which keeps training their tokens)."""
+        cut = truncated_rows(out["completion_ids"], out["completion_mask"],
+                             [*self.eos_token_ids, self._tokenizer.pad_token_id])
+        self._log("opd/reward_masked_truncated_frac", float(cut.float().mean()))
+        keep = (~cut).to(advantages.dtype).view(-1, *([1] * (advantages.dim() - 1)))
+        return advantages * keep
 
     def sampler_feedback(self, out: dict[str, Any], rows: list[dict[str, Any]], rewards: torch.Tensor,
                          num_gen: int) -> SamplerFeedback:

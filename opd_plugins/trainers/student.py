@@ -20,6 +20,16 @@ def loss_mask(batch: dict[str, Any]) -> torch.Tensor:
     return mask
 
 
+def truncated_rows(completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                   stop_ids: list[int | None]) -> torch.Tensor:
+    """``(B,)`` bool: the completions cut at the length cap, TRL's rule: the last generated token (the last one the
+    right-padded ``completion_mask`` covers) is neither an EOS nor the pad token. An empty completion is not cut."""
+    lengths = completion_mask.long().sum(1)
+    last = completion_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    stops = torch.tensor(sorted({i for i in stop_ids if i is not None}), device=completion_ids.device, dtype=completion_ids.dtype)
+    return (lengths > 0) & ~torch.isin(last, stops)
+
+
 def full_vocab_outputs(model: Any, ids: torch.Tensor, attention_mask: torch.Tensor, completion_ids: torch.Tensor,
                        mask: torch.Tensor, temperature: float) -> StudentOutputs:
     """Logits ``(B, T, V)`` of the completion positions divided by ``temperature``, and the token log-probs."""
