@@ -34,12 +34,13 @@ class OPDConfig(GRPOConfig):
     (``Teacher.scores_any_rows``: ``hf_model``, ``self_context``), else ``generation``.
 
     Added: ``truncated_completions`` — what a completion cut at ``max_completion_length`` (no EOS) contributes:
-    ``keep`` (default) trains on it like any other; ``mask_reward`` sets its task-reward advantage to 0 (the reward
-    of a cut answer is noise: DAPO's overlong filtering, for the reward only) while the divergence terms, and a
-    divergence reward in the advantages, still train on its tokens, so a teacher can still teach the student where
-    to stop. TRL's ``mask_truncated_completions: true`` instead removes such completions from every loss term; the
-    two are exclusive. Its reward still takes part in its group's baseline, as with TRL's option. The share masked
-    is logged as ``opd/reward_masked_truncated_frac``.
+    ``keep`` (default) trains on it like any other; ``mask_reward`` treats its task reward as unscored (NaN, as
+    when no reward function applies): the reward of a cut answer is noise (DAPO's overlong filtering, for the reward
+    only), so the advantage estimator gives it no task-reward advantage and leaves it out of its group's baseline,
+    and samplers, prompt selection and token weightings see it as unscored; the divergence terms and a teacher's
+    per-token reward still train on its tokens, so a teacher can still teach the student where to stop. TRL's
+    ``mask_truncated_completions: true`` instead removes such completions from every loss term; the two are
+    exclusive. The share masked is logged as ``opd/reward_masked_truncated_frac``.
     """
 
     logging_steps: float = field(default=1, metadata={"help": "Log every N optimizer steps."})
@@ -54,8 +55,8 @@ class OPDConfig(GRPOConfig):
         "choices": ["auto", "generation", "loss"]})
 
     truncated_completions: Literal["keep", "mask_reward"] = field(default="keep", metadata={
-        "help": "Completions cut at max_completion_length: 'keep' them, or 'mask_reward' (their task-reward "
-                "advantage is 0; the divergence still trains on their tokens).",
+        "help": "Completions cut at max_completion_length: 'keep' them, or 'mask_reward' (their task reward is "
+                "unscored, NaN; the divergence still trains on their tokens).",
         "choices": ["keep", "mask_reward"]})
 
     def __post_init__(self) -> None:

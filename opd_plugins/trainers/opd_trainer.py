@@ -643,6 +643,8 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
             rewards[torch.isnan(rpf).all(dim=1)] = torch.nan
         else:
             rewards = torch.full((B * self.accelerator.num_processes,), float("nan"), device=device)
+        if self.args.truncated_completions == "mask_reward" and self._has_rewards:
+            rewards = self.unscore_truncated(out, rewards)
         out["rewards"] = rewards[local].to(device)
         self.step.global_rewards, self.step.local = rewards, local
         token_reward = token_value = None
@@ -676,8 +678,6 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
                 raise OPDError(f"advantage {c.advantage.name!r} returned {advantages.shape[0]} values for {B} completions")
         else:
             advantages = torch.zeros(B, device=device)
-        if self.args.truncated_completions == "mask_reward" and self._has_rewards:
-            advantages = self.mask_truncated_rewards(out, advantages)
         excluded = c.advantage.excluded(inputs) if self._has_rewards and mode == "train" else None
         if excluded is not None and bool(excluded.any()):  # e.g. MC-GRPO's median pivots leave every loss term
             self.drop_rows(out, ~excluded.to(device))
@@ -710,14 +710,16 @@ class OPDTrainer(HookedTrainerMixin, GRPOTrainer):
             advantages = advantages + w_r * token_reward
         return advantages
 
-    def mask_truncated_rewards(self, out: dict[str, Any], advantages: torch.Tensor) -> torch.Tensor:
-        """``truncated_completions: mask_reward``: the task-reward advantage of every completion cut at the length
-        cap becomes 0 (before a divergence reward is added, which keeps training their tokens)."""
+    def unscore_truncated(self, out: dict[str, Any], rewards: torch.Tensor) -> torch.Tensor:
+        """``truncated_completions: mask_reward``: the ``(N,)`` global rewards with every completion cut at the
+        length cap unscored (NaN), as if no reward function applied to it: the estimator gives it no task-reward
+        advantage and leaves it out of its group's baseline; its tokens stay in every loss term."""
         cut = truncated_rows(out["completion_ids"], out["completion_mask"],
                              [*self.eos_token_ids, self._tokenizer.pad_token_id])
+        if self.accelerator.num_processes > 1:
+            cut = self.accelerator.gather(cut.to(device=rewards.device, dtype=torch.int32)).bool()
         self._log("opd/reward_masked_truncated_frac", float(cut.float().mean()))
-        keep = (~cut).to(advantages.dtype).view(-1, *([1] * (advantages.dim() - 1)))
-        return advantages * keep
+        return torch.where(cut.to(rewards.device), torch.full_like(rewards, float("nan")), rewards)
 
     def sampler_feedback(self, out: dict[str, Any], rows: list[dict[str, Any]], rewards: torch.Tensor,
                          num_gen: int) -> SamplerFeedback:
