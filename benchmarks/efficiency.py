@@ -43,7 +43,7 @@ not move it (0.235 -> 0.240), and one-digit multiplication has only 16 held-out 
 
     OMP_NUM_THREADS=2 python benchmarks/efficiency.py --probe
     OMP_NUM_THREADS=2 python benchmarks/efficiency.py [--budget 10000 --seeds 1 --eval-n 200 --out efficiency.json]
-    OMP_NUM_THREADS=2 python benchmarks/efficiency.py ... --set trainer.args.mask_truncated_completions=true
+    OMP_NUM_THREADS=2 python benchmarks/efficiency.py ... --set trainer.args.truncated_completions=mask_reward
     python benchmarks/efficiency.py --quick        # tiny in-process models, a smoke test (seconds)
     python benchmarks/efficiency.py --from-json efficiency.json   # the tables and curves again, no training
 """
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="a dotted recipe override for every arm, after the task's and before the arm's own "
                          "(repeatable; validated before anything trains; not the teacher's), e.g. "
-                         "--set trainer.args.mask_truncated_completions=true")
+                         "--set trainer.args.truncated_completions=mask_reward")
     ap.add_argument("--retrain-teacher", action="store_true", help="train the teacher again even if one is cached")
     ap.add_argument("--probe", action="store_true", help="only measure the base model on the candidate tasks (JSON: "
                                                          "--out's name with _probe)")

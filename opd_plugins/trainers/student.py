@@ -26,7 +26,8 @@ def truncated_rows(completion_ids: torch.Tensor, completion_mask: torch.Tensor,
     right-padded ``completion_mask`` covers) is neither an EOS nor the pad token. An empty completion is not cut."""
     lengths = completion_mask.long().sum(1)
     last = completion_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-    stops = torch.tensor(sorted({i for i in stop_ids if i is not None}), device=completion_ids.device, dtype=completion_ids.dtype)
+    stops = torch.tensor(sorted({i for i in stop_ids if i is not None}), device=completion_ids.device,
+                         dtype=completion_ids.dtype)
     return (lengths > 0) & ~torch.isin(last, stops)
 
 
