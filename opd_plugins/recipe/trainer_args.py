@@ -11,11 +11,13 @@ model has.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import hashlib
 import json
 import math
+import sys
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -44,7 +46,12 @@ def cached_fields(key: str, load: Callable[[], type]) -> dict[str, FieldInfo]:
             return cached
     except (OSError, ValueError):
         pass
-    fields = describe_fields(load())
+    # Importing the trainers loads third-party modules that may print at import time (transformers prints
+    # "[INFO] Running in WANDB offline mode" under WANDB_MODE=offline): keep that off stdout, which is the result
+    # of commands such as ``validate``.
+    with contextlib.redirect_stdout(sys.stderr):
+        cls = load()
+    fields = describe_fields(cls)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(fields, sort_keys=True), fsync=False)
