@@ -271,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     import trl
 
+    from opd_plugins.paths import atomic_write
+
     t0 = time.monotonic()
     result: dict = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                     "threads": torch.get_num_threads(), "args": vars(args), "task": TASK}
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("train", "both"):
         def save(partial: dict) -> None:
             if args.out:
-                Path(args.out).write_text(json.dumps({**result, "train": partial}, indent=2))
+                atomic_write(args.out, json.dumps({**result, "train": partial}, indent=2))
 
         result["train"] = runs = train_runs(args, save)
         print("\nbefore training: " + ", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})"
@@ -307,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     result["total_s"] = time.monotonic() - t0
     print(f"total {result['total_s']:.0f} s")
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        atomic_write(args.out, json.dumps(result, indent=2))
     return 0
 
 

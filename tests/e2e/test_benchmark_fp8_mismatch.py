@@ -1,12 +1,13 @@
 """benchmarks/fp8_mismatch.py ``--part train`` on a tiny saved model: several seeds per arm, per-step lengths, the
-mean and standard error over seeds against a naive computation, the JSON kept after every run; bad ``--runs``
-refused before anything loads. Never an accuracy."""
+mean and standard error over seeds against a naive computation; a bad ``--runs`` or ``--seeds`` refused before
+anything loads. Never an accuracy."""
 
 import json
 import math
 import subprocess
 import sys
 
+import pytest
 from helpers.benchmarks import ROOT, run
 
 from opd_plugins.testing import save_tiny_model
@@ -41,10 +42,13 @@ def test_train_part_runs_every_arm_for_every_seed(tmp_path, opd_tokenizer):
     assert [line.split()[0] for line in summary[2:2 + len(RUNS)]] == RUNS
 
 
-def test_unknown_run_is_refused_naming_the_choices(tmp_path):
+@pytest.mark.parametrize("bad, says", [
+    (["--runs", "hf_generate,unified/kl"], ["unknown unified/kl", "rollout_only/tis"]),
+    (["--seeds", "0"], ["--seeds must be at least 1"]),
+])
+def test_bad_options_are_refused_before_anything_loads(tmp_path, bad, says):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fp8_mismatch.py"), "--part", "train",
-                           "--model", str(tmp_path / "absent"), "--runs", "hf_generate,unified/kl"],
-                          capture_output=True, text=True, timeout=120)
+                           "--model", str(tmp_path / "absent"), *bad], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "unknown unified/kl" in proc.stderr and "rollout_only/tis" in proc.stderr
+    assert all(s in proc.stderr for s in says), proc.stderr
     assert "Traceback" not in proc.stderr
