@@ -10,6 +10,10 @@ a plugin for the run:
   token kept in the completions, less the forced prefix tokens a sampler put in front (which the student did not
   generate; a continuation cut at ``max_completion_length`` after such a prefix counts with its kept part);
 * ``opd_rewards_scored`` counts the groups whose G rewards are not all equal (non-degenerate groups);
+* ``opd_advantages_computed`` records what of the batch carries a policy-gradient signal into the loss
+  (:func:`loss_signal`): the completions cut at the length cap, those left in the loss, those of them with a
+  non-zero advantage, and those completions' share of the loss's tokens (the ``dapo`` loss divides by every loss
+  token, so completions with a zero advantage dilute the others' gradient);
 * a ``TrainerCallback`` stops training at the end of the optimizer step whose generation batch reached the budget,
   so an arm uses ``budget <= tokens < budget + one generation batch's maximum`` (rows x ``max_completion_length``).
 
@@ -81,11 +85,46 @@ def log(bench: str, message: str) -> None:
     print(f"[{bench}] {message}", file=sys.stderr, flush=True)
 
 
+SIGNAL_KEYS = ("cut_share", "in_loss_share", "signal_share", "signal_token_share", "signal_group_share")
+"""The fields of :func:`loss_signal`, recorded per generation batch and averaged per run."""
+
+
+def loss_signal(completion_ids: Any, mask: Any, advantages: Any, stop_ids: Sequence[int | None],
+                num_generations: int) -> dict[str, float]:
+    """What of one generation batch reaches the loss with a policy-gradient signal, as shares of its completions:
+
+    * ``cut_share``: completions cut at the length cap (no EOS or pad token anywhere in the row: TRL's rule, read
+      from the ids so that it holds whether or not the cut rows were masked);
+    * ``in_loss_share``: completions with at least one token in the loss mask;
+    * ``signal_share``: completions in the loss with a non-zero advantage (any token, for per-token advantages);
+    * ``signal_token_share``: those completions' loss tokens over all loss tokens (0.0 when no token is in the
+      loss): with the ``dapo`` loss, the share of the normalising token count that carries a gradient;
+    * ``signal_group_share``: groups of ``num_generations`` with at least one such completion.
+    """
+    import torch
+
+    stops = torch.tensor(sorted({i for i in stop_ids if i is not None}), dtype=completion_ids.dtype,
+                         device=completion_ids.device)
+    cut = ~torch.isin(completion_ids, stops).any(dim=1)
+    tokens = mask.float().sum(dim=1)
+    in_loss = tokens > 0
+    adv = advantages.detach().float()
+    nonzero = (adv.abs() > 0) if adv.dim() == 1 else ((adv.abs() * mask.float()) > 0).any(dim=1)
+    signal = in_loss & nonzero
+    rows = completion_ids.shape[0]
+    groups = signal.view(-1, num_generations).any(dim=1) if rows % num_generations == 0 else signal[:0]
+    total = float(tokens.sum())
+    return {"cut_share": float(cut.float().mean()), "in_loss_share": float(in_loss.float().mean()),
+            "signal_share": float(signal.float().mean()),
+            "signal_token_share": float(tokens[signal].sum()) / total if total else 0.0,
+            "signal_group_share": float(groups.float().mean()) if groups.numel() else float("nan")}
+
+
 class StudentTokens:
     """Hook implementations counting, over the training generation batches of one run, the completion tokens the
     student generated (forced prefix tokens left out), the rollouts a sampler guided, the non-degenerate groups,
-    and per generation batch (``per_batch``) the tokens so far, the share of non-degenerate groups and the mean
-    training reward (hinted rollouts included)."""
+    and per generation batch (``per_batch``) the tokens so far, the share of non-degenerate groups, the mean
+    training reward (hinted rollouts included) and the batch's :func:`loss_signal`."""
 
     def __init__(self) -> None:
         self.tokens = 0
@@ -123,9 +162,28 @@ class StudentTokens:
         self.groups += groups
         self.non_degenerate += non_degenerate
         scored = rewards[~rewards.isnan()]
-        self.per_batch.append({"batch": self.batches, "tokens": self.tokens,
-                               "non_degenerate_share": non_degenerate / max(groups, 1),
-                               "reward": float(scored.mean()) if scored.numel() else float("nan")})
+        self._record().update(non_degenerate_share=non_degenerate / max(groups, 1),
+                              reward=float(scored.mean()) if scored.numel() else float("nan"))
+
+    @hookimpl
+    def opd_advantages_computed(self, trainer: Any, batch: dict[str, Any], advantages: Any) -> None:
+        if not trainer.model.training:
+            return
+        from opd_plugins.trainers.student import loss_mask
+
+        stops = [*trainer.eos_token_ids, trainer._tokenizer.pad_token_id]
+        self._record().update(loss_signal(batch["completion_ids"], loss_mask(batch), advantages, stops,
+                                          trainer.num_generations))
+
+    def _record(self) -> dict[str, float]:
+        """This generation batch's record in ``per_batch`` (made by the first hook of the batch to need it)."""
+        if not self.per_batch or self.per_batch[-1]["batch"] != self.batches:
+            self.per_batch.append({"batch": self.batches, "tokens": self.tokens})
+        return self.per_batch[-1]
+
+    def signal(self) -> dict[str, float]:
+        """The mean of every :func:`loss_signal` field over this run's generation batches."""
+        return mean_signal(self.per_batch)
 
 
 def _budget_callback(counter: StudentTokens, budget: int, on_step: Callable[[int], None]) -> Any:
@@ -226,7 +284,7 @@ def train_arm(base: Path, overrides: Sequence[str], *, plan: Plan, label: str, b
         "checkpoints": points, "rollouts": counter.rollouts,
         "guided_share": counter.guided / max(counter.rollouts, 1),
         "groups": counter.groups, "non_degenerate_share": counter.non_degenerate / max(counter.groups, 1),
-        "per_batch": counter.per_batch,
+        "per_batch": counter.per_batch, "loss_signal": counter.signal(),
         "train_s": round(wall - timing["eval_s"], 1), "eval_s": round(timing["eval_s"], 1),
     }
 
@@ -269,7 +327,17 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"curve": curve, "final": curve[-1], "se_over": "seeds" if len(runs) > 1 else "prompts (binomial)",
             "tokens_used": [r["tokens"] for r in runs],
             "non_degenerate_share": statistics.fmean(r["non_degenerate_share"] for r in runs),
-            "guided_share": statistics.fmean(r["guided_share"] for r in runs)}
+            "guided_share": statistics.fmean(r["guided_share"] for r in runs),
+            "loss_signal": mean_signal([r.get("loss_signal", {}) for r in runs])}
+
+
+def mean_signal(records: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The mean of each :data:`SIGNAL_KEYS` field over ``records`` that have it (NaN where none has)."""
+    out = {}
+    for key in SIGNAL_KEYS:
+        values = [r[key] for r in records if key in r and not math.isnan(r[key])]
+        out[key] = statistics.fmean(values) if values else float("nan")
+    return out
 
 
 def tokens_to_reach(curve: list[dict[str, Any]], target: float) -> float | None:
@@ -421,6 +489,7 @@ def settings(plan: Plan, **extra: Any) -> dict[str, Any]:
                          "torch": torch.__version__}, **extra}
 
 
-__all__ = ["BASE_RECIPE", "QUICK_TRAINER", "Arm", "Plan", "StudentTokens", "add_arguments", "arm_recipe",
-           "eval_overrides", "log", "markdown_table", "plot_curves", "plot_per_batch", "resolve_arguments", "run_arms", "settings",
-           "summarize", "tiny_models", "tokens_to_reach", "train_arm", "write_json"]
+__all__ = ["BASE_RECIPE", "QUICK_TRAINER", "SIGNAL_KEYS", "Arm", "Plan", "StudentTokens", "add_arguments",
+           "arm_recipe", "eval_overrides", "log", "loss_signal", "markdown_table", "mean_signal", "plot_curves",
+           "plot_per_batch", "resolve_arguments", "run_arms", "settings", "summarize", "tiny_models",
+           "tokens_to_reach", "train_arm", "write_json"]

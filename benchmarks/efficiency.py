@@ -283,7 +283,25 @@ def show(rows: list[dict[str, Any]], teacher: dict[str, Any] | None, initial: di
                  for name, curve in curves.items()]
         text += "\n\nheld-out accuracy ± SE @ mean student tokens, at every checkpoint:\n\n"
         text += _arms.markdown_table(header, cells)
+        text += signal_table(results)
     return text
+
+
+def signal_table(results: dict[str, dict[str, Any]]) -> str:
+    """What of each arm's training batches reached the loss with a policy-gradient signal (``_arms.loss_signal``,
+    mean over generation batches and seeds); empty for a JSON written before it was recorded."""
+    names = ("cut", "in the loss", "in the loss, advantage != 0", "their share of loss tokens",
+             "groups with one")
+    cells = []
+    for name, arm in results.items():
+        signal = arm["summary"].get("loss_signal") or {}
+        values = [signal.get(k, float("nan")) for k in _arms.SIGNAL_KEYS]
+        if not all(v != v for v in values):  # NaN != NaN: skip an arm with nothing recorded
+            cells.append([name, *("-" if v != v else f"{v:.2f}" for v in values)])
+    if not cells:
+        return ""
+    return ("\n\ntraining batches, mean share of completions (groups in the last column) over batches and seeds:\n\n"
+            + _arms.markdown_table(["arm", *names], cells))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -33,6 +33,11 @@ def test_quick_runs_every_arm_to_the_same_budget(tmp_path):
     assert arms == ARMS
     assert "[efficiency] opd seed 0:" in proc.stderr  # progress lines
     assert all([p["seed"] for p in row["per_seed"]] == [0] for row in r["table"])
+    for arm in r["arms"].values():  # what reached the loss with a signal, per batch and per run
+        run_ = arm["runs"][0]
+        assert set(run_["loss_signal"]) == set(_arms.SIGNAL_KEYS)
+        assert all(set(_arms.SIGNAL_KEYS) <= set(b) for b in run_["per_batch"])
+    assert "training batches, mean share of completions" in proc.stdout
 
     # --from-json: the same tables again, the curves drawn, the JSON left as it was
     out = tmp_path / "efficiency.json"
@@ -43,8 +48,9 @@ def test_quick_runs_every_arm_to_the_same_budget(tmp_path):
     assert (tmp_path / "again.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.read_bytes() == before
 
 
-def test_student_tokens_equal_trls_completion_lengths(tmp_path, opd_tokenizer):
-    """The counter's total over a run equals the completion lengths TRL logs for every generation batch."""
+def _counted_grpo_run(tmp_path, tokenizer, **args):
+    """A tiny GRPO run (rewards 0, 1, 0, 1, ... in every group; "7" ends a completion) with a StudentTokens
+    counter registered: (trainer, counter)."""
     from helpers.tiny import prompt_dataset
 
     from opd_plugins.manager import get_plugin_manager
@@ -55,22 +61,70 @@ def test_student_tokens_equal_trls_completion_lengths(tmp_path, opd_tokenizer):
     counter = _arms.StudentTokens()
     pm.register(counter, name="counter")
     pm.check_hooks()
-    args = OPDConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, num_generations=2,
-                     max_completion_length=8, logging_steps=1, report_to="none", save_strategy="no", bf16=False,
-                     use_cpu=True, disable_tqdm=True, temperature=1.0)
-    model = build_tiny_model(opd_tokenizer, seed=0)
-    model.generation_config.eos_token_id = [opd_tokenizer.eos_token_id, *opd_tokenizer.convert_tokens_to_ids(["7"])]
+    args = OPDConfig(output_dir=str(tmp_path), logging_steps=1, report_to="none", save_strategy="no", bf16=False,
+                     use_cpu=True, disable_tqdm=True, temperature=1.0, **args)
+    model = build_tiny_model(tokenizer, seed=0)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(["7"])]
     tr = OPDTrainer(model=model, args=args, components=Components.build(pg_weight=1.0), plugin_manager=pm,
                     reward_funcs=[lambda completions, **kw: [float(i % 2) for i in range(len(completions))]],
-                    train_dataset=prompt_dataset(), processing_class=opd_tokenizer)
+                    train_dataset=prompt_dataset(), processing_class=tokenizer)
     tr.train()
+    return tr, counter
+
+
+def test_student_tokens_equal_trls_completion_lengths(tmp_path, opd_tokenizer):
+    """The counter's total over a run equals the completion lengths TRL logs for every generation batch."""
+    tr, counter = _counted_grpo_run(tmp_path, opd_tokenizer, max_steps=4, per_device_train_batch_size=4,
+                                    num_generations=2, max_completion_length=8)
     lengths = [h["completions/mean_length"] * 4 for h in tr.state.log_history if "completions/mean_length" in h]
     assert len(lengths) == 4 == counter.batches and counter.rollouts == 16
     assert counter.tokens == round(sum(lengths)) and counter.tokens < 16 * 8  # some stop early, at "7"
     assert counter.groups == 8 and counter.non_degenerate == 8  # rewards 0, 1 in every group of two
 
 
-def test_tokens_to_reach_interpolates_between_checkpoints():
+def test_loss_signal_against_hand_counts():
+    """Six completions in three groups of two, stop ids 2 (EOS) and 0 (pad), T = 3."""
+    ids = torch.tensor([[5, 6, 7],   # cut (no stop id), in the loss, advantage 0
+                        [5, 2, 0],   # ended, in the loss, advantage 1: 2 loss tokens
+                        [5, 6, 7],   # cut and masked out of the loss (TRL's masking), advantage -1
+                        [5, 6, 2],   # ended, in the loss, advantage 0.5: 3 loss tokens
+                        [2, 0, 0],   # ended, in the loss, advantage 0
+                        [5, 6, 2]])  # ended, in the loss, advantage 0
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [0, 0, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]])
+    adv = torch.tensor([0.0, 1.0, -1.0, 0.5, 0.0, 0.0])
+    got = _arms.loss_signal(ids, mask, adv, [2, 0, None], num_generations=2)
+    assert got["cut_share"] == pytest.approx(2 / 6)
+    assert got["in_loss_share"] == pytest.approx(5 / 6)
+    assert got["signal_share"] == pytest.approx(2 / 6)  # rows 1 and 3; row 2's advantage is outside the loss
+    assert got["signal_token_share"] == pytest.approx((2 + 3) / 12)  # 3 + 2 + 0 + 3 + 1 + 3 loss tokens
+    assert got["signal_group_share"] == pytest.approx(2 / 3)  # groups 0 and 1; group 2 has none
+    # per-token advantages: a row counts when a loss token has a non-zero advantage
+    per_token = torch.zeros(6, 3)
+    per_token[0, 2] = 0.3  # in the loss
+    per_token[1, 2] = 0.3  # outside it (mask 0)
+    got = _arms.loss_signal(ids, mask, per_token, [2, 0], num_generations=2)
+    assert got["signal_share"] == pytest.approx(1 / 6) and got["signal_token_share"] == pytest.approx(3 / 12)
+    assert _arms.loss_signal(ids, torch.zeros_like(mask), adv, [2, 0], 2)["signal_token_share"] == 0.0
+
+
+@pytest.mark.parametrize("setting", ["mask_truncated_completions", "mask_reward"])
+def test_loss_signal_sees_trls_masking_and_mask_reward(tmp_path, opd_tokenizer, setting):
+    """On a real run: TRL's masking takes the cut completions out of the loss (so what is in it is what ended), and
+    ``mask_reward`` keeps them in it with no task-reward advantage (so every signal comes from what ended)."""
+    extra = ({"mask_truncated_completions": True} if setting == "mask_truncated_completions"
+             else {"truncated_completions": "mask_reward"})
+    _, counter = _counted_grpo_run(tmp_path, opd_tokenizer, max_steps=3, per_device_train_batch_size=8,
+                                   num_generations=4, max_completion_length=6, **extra)
+    batches = [b for b in counter.per_batch if "cut_share" in b]
+    assert len(batches) == 3
+    assert any(0 < b["cut_share"] < 1 for b in batches)  # some stop at "7", some are cut
+    for b in batches:
+        if setting == "mask_truncated_completions":
+            assert b["in_loss_share"] == pytest.approx(1 - b["cut_share"])
+        else:
+            assert b["in_loss_share"] == 1.0
+        assert b["signal_share"] <= 1 - b["cut_share"] + 1e-9  # a cut completion never carries a reward signal
+
     curve = [{"tokens": 0, "accuracy": 0.1}, {"tokens": 100, "accuracy": 0.2}, {"tokens": 200, "accuracy": 0.4},
              {"tokens": 300, "accuracy": 0.3}]
     assert _arms.tokens_to_reach(curve, 0.3) == pytest.approx(150.0)  # 100 + (0.3 - 0.2) / (0.4 - 0.2) * 100
