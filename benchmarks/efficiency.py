@@ -289,18 +289,26 @@ def show(rows: list[dict[str, Any]], teacher: dict[str, Any] | None, initial: di
 
 def signal_table(results: dict[str, dict[str, Any]]) -> str:
     """What of each arm's training batches reached the loss with a policy-gradient signal (``_arms.loss_signal``,
-    mean over generation batches and seeds); empty for a JSON written before it was recorded."""
+    mean over generation batches; with several seeds, each seed's row and then the mean over seeds); empty for a
+    JSON written before it was recorded."""
     names = ("cut", "in the loss", "in the loss, advantage != 0", "their share of loss tokens",
              "groups with one")
+
+    def row(label: str, signal: dict[str, float]) -> list[str] | None:
+        values = [signal.get(k, float("nan")) for k in _arms.SIGNAL_KEYS]
+        if all(v != v for v in values):  # NaN != NaN: nothing recorded
+            return None
+        return [label, *("-" if v != v else f"{v:.2f}" for v in values)]
+
     cells = []
     for name, arm in results.items():
-        signal = arm["summary"].get("loss_signal") or {}
-        values = [signal.get(k, float("nan")) for k in _arms.SIGNAL_KEYS]
-        if not all(v != v for v in values):  # NaN != NaN: skip an arm with nothing recorded
-            cells.append([name, *("-" if v != v else f"{v:.2f}" for v in values)])
+        runs = arm.get("runs", [])
+        rows = [row(f"{name} seed {r['seed']}", r.get("loss_signal") or {}) for r in runs] if len(runs) > 1 else []
+        rows.append(row(name if len(runs) <= 1 else f"{name} (mean)", arm["summary"].get("loss_signal") or {}))
+        cells += [r for r in rows if r is not None]
     if not cells:
         return ""
-    return ("\n\ntraining batches, mean share of completions (groups in the last column) over batches and seeds:\n\n"
+    return ("\n\ntraining batches, mean share of completions (groups in the last column) over batches:\n\n"
             + _arms.markdown_table(["arm", *names], cells))
 
 

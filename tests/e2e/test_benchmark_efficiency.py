@@ -191,6 +191,20 @@ def test_summary_means_and_standard_errors_over_seeds():
     assert three["curve"][0]["se"] == 0.0
 
 
+def test_signal_table_has_a_row_per_seed_and_their_mean():
+    def run(seed, cut):
+        return {"seed": seed, "loss_signal": dict(zip(_arms.SIGNAL_KEYS, [cut, 1.0, 0.25, 0.2, 0.5], strict=True))}
+
+    runs = [run(0, 0.5), run(1, 0.25)]
+    results = {"grpo": {"runs": runs, "summary": {"loss_signal": _arms.mean_signal([r["loss_signal"] for r in runs])}},
+               "opd": {"runs": [{"seed": 0}], "summary": {}}}  # written before the signal was recorded: no row
+    lines = efficiency.signal_table(results).strip().splitlines()
+    assert lines[-3:] == ["| grpo seed 0 | 0.50 | 1.00 | 0.25 | 0.20 | 0.50 |",
+                          "| grpo seed 1 | 0.25 | 1.00 | 0.25 | 0.20 | 0.50 |",
+                          "| grpo (mean) | 0.38 | 1.00 | 0.25 | 0.20 | 0.50 |"]
+    assert efficiency.signal_table({"opd": results["opd"]}) == ""
+
+
 def test_teacher_is_trained_once_and_cached_by_recipe(tmp_path):
     """A second call reuses the cached teacher; a changed recipe trains another; what is cached is a plain merged
     checkpoint of the run's adapter."""
