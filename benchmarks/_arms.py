@@ -87,14 +87,30 @@ def log(bench: str, message: str) -> None:
 
 SIGNAL_KEYS = ("cut_share", "in_loss_share", "signal_share", "signal_token_share", "signal_group_share")
 """The fields of :func:`loss_signal`, recorded per generation batch and averaged per run."""
+RULES = ("keep", "mask_truncated", "mask_reward")
+"""The three treatments of a completion cut at the length cap that :func:`rule_signal` compares on one batch:
+``keep`` (scored and trained on as any other), ``mask_truncated`` (TRL's ``mask_truncated_completions``: scored,
+so in its group's baseline, then out of the loss) and ``mask_reward`` (``truncated_completions: mask_reward``:
+unscored, so out of the baseline, and in the loss with no task-reward advantage)."""
+RULE_KEYS = tuple(f"if_{rule}_{field}" for rule in RULES for field in ("signal_share", "signal_token_share"))
+"""The fields of :func:`rule_signal`."""
+
+
+def cut_rows(completion_ids: Any, stop_ids: Sequence[int | None]) -> Any:
+    """``(N,)`` bool: the completions cut at the length cap, TRL's rule read from the ids alone (no EOS or pad token
+    anywhere in the row), so that it holds whether or not the cut rows were masked out of the loss."""
+    import torch
+
+    stops = torch.tensor(sorted({i for i in stop_ids if i is not None}), dtype=completion_ids.dtype,
+                         device=completion_ids.device)
+    return ~torch.isin(completion_ids, stops).any(dim=1)
 
 
 def loss_signal(completion_ids: Any, mask: Any, advantages: Any, stop_ids: Sequence[int | None],
                 num_generations: int) -> dict[str, float]:
     """What of one generation batch reaches the loss with a policy-gradient signal, as shares of its completions:
 
-    * ``cut_share``: completions cut at the length cap (no EOS or pad token anywhere in the row: TRL's rule, read
-      from the ids so that it holds whether or not the cut rows were masked);
+    * ``cut_share``: completions cut at the length cap (:func:`cut_rows`);
     * ``in_loss_share``: completions with at least one token in the loss mask;
     * ``signal_share``: completions in the loss with a non-zero advantage (any token, for per-token advantages);
     * ``signal_token_share``: those completions' loss tokens over all loss tokens (0.0 when no token is in the
@@ -103,9 +119,7 @@ def loss_signal(completion_ids: Any, mask: Any, advantages: Any, stop_ids: Seque
     """
     import torch
 
-    stops = torch.tensor(sorted({i for i in stop_ids if i is not None}), dtype=completion_ids.dtype,
-                         device=completion_ids.device)
-    cut = ~torch.isin(completion_ids, stops).any(dim=1)
+    cut = cut_rows(completion_ids, stop_ids)
     tokens = mask.float().sum(dim=1)
     in_loss = tokens > 0
     adv = advantages.detach().float()
@@ -120,11 +134,53 @@ def loss_signal(completion_ids: Any, mask: Any, advantages: Any, stop_ids: Seque
             "signal_group_share": float(groups.float().mean()) if groups.numel() else float("nan")}
 
 
+def rule_signal(rewards: Any, cut: Any, lengths: Any, num_generations: int) -> dict[str, float]:
+    """On one batch of rollouts, what each of :data:`RULES` would give a group-relative (GRPO) advantage: the share
+    of completions in the loss with a non-zero advantage (``if_<rule>_signal_share``) and their share of the loss's
+    tokens (``if_<rule>_signal_token_share``, the ``dapo`` normaliser's share that carries a gradient). The same
+    rollouts under every rule, so the rules' difference is not one of trajectories. ``rewards``: ``(N,)`` task
+    rewards as scored (NaN: unscored), ``cut``: ``(N,)`` bool, ``lengths``: ``(N,)`` completion tokens. A
+    completion's advantage is non-zero when its reward differs from the mean of its group's scored rewards by more
+    than 1e-6 (GRPO's scaling by the group's standard deviation does not change which are zero)."""
+    import torch
+
+    r = rewards.detach().float().view(-1, num_generations)
+    cut = cut.view(-1, num_generations).to(r.device)
+    n = lengths.detach().float().view(-1, num_generations).to(r.device)
+    out = {}
+    for rule in RULES:
+        scored = r.masked_fill(cut, float("nan")) if rule == "mask_reward" else r
+        valid = ~scored.isnan()
+        mean = torch.where(valid, scored, 0.0).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
+        signal = valid & ((scored - mean).abs() > 1e-6)
+        in_loss = ~cut if rule == "mask_truncated" else torch.ones_like(cut)
+        signal = signal & in_loss
+        tokens = float((n * in_loss).sum())
+        out[f"if_{rule}_signal_share"] = float(signal.float().mean())
+        out[f"if_{rule}_signal_token_share"] = float((n * signal).sum()) / tokens if tokens else 0.0
+    return out
+
+
+def completion_lengths(completion_ids: Any, eos_ids: Sequence[int], pad_id: int | None) -> Any:
+    """``(N,)`` tokens of each completion as generated, TRL's rule: up to and including its first EOS, else every
+    token that is not padding (all ``T`` for one cut at the cap), whatever the loss mask now says."""
+    import torch
+
+    T = completion_ids.shape[1]
+    is_eos = torch.isin(completion_ids, torch.tensor(list(eos_ids), dtype=completion_ids.dtype,
+                                                     device=completion_ids.device))
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(is_eos[:, 0], T, dtype=torch.long))
+    if pad_id is not None and pad_id not in eos_ids:
+        first = torch.minimum(first, (completion_ids != pad_id).sum(1))
+    return first
+
+
 class StudentTokens:
     """Hook implementations counting, over the training generation batches of one run, the completion tokens the
     student generated (forced prefix tokens left out), the rollouts a sampler guided, the non-degenerate groups,
     and per generation batch (``per_batch``) the tokens so far, the share of non-degenerate groups, the mean
-    training reward (hinted rollouts included) and the batch's :func:`loss_signal`."""
+    training reward (hinted rollouts included), the batch's :func:`loss_signal` and, for a run with task rewards,
+    its :func:`rule_signal` (what each treatment of cut completions would make of the same rollouts)."""
 
     def __init__(self) -> None:
         self.tokens = 0
@@ -134,6 +190,7 @@ class StudentTokens:
         self.groups = 0
         self.non_degenerate = 0
         self.per_batch: list[dict[str, float]] = []  # one record per generation batch, the curves of a run
+        self._rewards: Any = None  # this generation batch's task rewards as scored, for rule_signal
 
     @hookimpl
     def opd_rollout_end(self, trainer: Any, rollout: dict[str, Any]) -> None:
@@ -164,6 +221,7 @@ class StudentTokens:
         scored = rewards[~rewards.isnan()]
         self._record().update(non_degenerate_share=non_degenerate / max(groups, 1),
                               reward=float(scored.mean()) if scored.numel() else float("nan"))
+        self._rewards = (self.batches, rewards.detach().cpu())
 
     @hookimpl
     def opd_advantages_computed(self, trainer: Any, batch: dict[str, Any], advantages: Any) -> None:
@@ -171,9 +229,14 @@ class StudentTokens:
             return
         from opd_plugins.trainers.student import loss_mask
 
-        stops = [*trainer.eos_token_ids, trainer._tokenizer.pad_token_id]
-        self._record().update(loss_signal(batch["completion_ids"], loss_mask(batch), advantages, stops,
-                                          trainer.num_generations))
+        ids, pad = batch["completion_ids"], trainer._tokenizer.pad_token_id
+        record = self._record()
+        record.update(loss_signal(ids, loss_mask(batch), advantages, [*trainer.eos_token_ids, pad],
+                                  trainer.num_generations))
+        if self._rewards is not None and self._rewards[0] == self.batches and len(self._rewards[1]) == len(ids):
+            lengths = completion_lengths(ids, trainer.eos_token_ids, pad).cpu()
+            cut = cut_rows(ids, [*trainer.eos_token_ids, pad]).cpu()
+            record.update(rule_signal(self._rewards[1], cut, lengths, trainer.num_generations))
 
     def _record(self) -> dict[str, float]:
         """This generation batch's record in ``per_batch`` (made by the first hook of the batch to need it)."""
@@ -332,9 +395,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def mean_signal(records: Sequence[dict[str, float]]) -> dict[str, float]:
-    """The mean of each :data:`SIGNAL_KEYS` field over ``records`` that have it (NaN where none has)."""
+    """The mean of each :data:`SIGNAL_KEYS` and :data:`RULE_KEYS` field over ``records`` that have it (NaN where
+    none has)."""
     out = {}
-    for key in SIGNAL_KEYS:
+    for key in (*SIGNAL_KEYS, *RULE_KEYS):
         values = [r[key] for r in records if key in r and not math.isnan(r[key])]
         out[key] = statistics.fmean(values) if values else float("nan")
     return out
@@ -489,7 +553,7 @@ def settings(plan: Plan, **extra: Any) -> dict[str, Any]:
                          "torch": torch.__version__}, **extra}
 
 
-__all__ = ["BASE_RECIPE", "QUICK_TRAINER", "SIGNAL_KEYS", "Arm", "Plan", "StudentTokens", "add_arguments",
-           "arm_recipe", "eval_overrides", "log", "loss_signal", "markdown_table", "mean_signal", "plot_curves",
-           "plot_per_batch", "resolve_arguments", "run_arms", "settings", "summarize", "tiny_models",
-           "tokens_to_reach", "train_arm", "write_json"]
+__all__ = ["BASE_RECIPE", "QUICK_TRAINER", "RULES", "RULE_KEYS", "SIGNAL_KEYS", "Arm", "Plan", "StudentTokens",
+           "add_arguments", "arm_recipe", "completion_lengths", "cut_rows", "eval_overrides", "log", "loss_signal",
+           "markdown_table", "mean_signal", "plot_curves", "plot_per_batch", "resolve_arguments", "rule_signal",
+           "run_arms", "settings", "summarize", "tiny_models", "tokens_to_reach", "train_arm", "write_json"]

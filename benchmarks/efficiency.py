@@ -58,6 +58,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -288,28 +289,37 @@ def show(rows: list[dict[str, Any]], teacher: dict[str, Any] | None, initial: di
 
 
 def signal_table(results: dict[str, dict[str, Any]]) -> str:
-    """What of each arm's training batches reached the loss with a policy-gradient signal (``_arms.loss_signal``,
-    mean over generation batches; with several seeds, each seed's row and then the mean over seeds); empty for a
-    JSON written before it was recorded."""
-    names = ("cut", "in the loss", "in the loss, advantage != 0", "their share of loss tokens",
-             "groups with one")
+    """What of each arm's training batches reached the loss with a policy-gradient signal (``_arms.loss_signal``),
+    and what each treatment of cut completions would have made of the same rollouts (``_arms.rule_signal``): means
+    over generation batches, with several seeds each seed's row and then the mean over seeds. Empty for a JSON
+    written before they were recorded."""
+    def fmt(v: float) -> str:
+        return "-" if v != v else f"{v:.2f}"  # NaN != NaN
 
-    def row(label: str, signal: dict[str, float]) -> list[str] | None:
-        values = [signal.get(k, float("nan")) for k in _arms.SIGNAL_KEYS]
-        if all(v != v for v in values):  # NaN != NaN: nothing recorded
-            return None
-        return [label, *("-" if v != v else f"{v:.2f}" for v in values)]
+    def rows(keys: Sequence[str], cell: Callable[[dict[str, float]], list[str]]) -> list[list[str]]:
+        out = []
+        for name, arm in results.items():
+            runs = arm.get("runs", [])
+            labelled = [(f"{name} seed {r['seed']}", r.get("loss_signal") or {}) for r in runs] if len(runs) > 1 else []
+            labelled.append((name if len(runs) <= 1 else f"{name} (mean)", arm["summary"].get("loss_signal") or {}))
+            out += [[label, *cell(signal)] for label, signal in labelled
+                    if not all(signal.get(k, float("nan")) != signal.get(k, float("nan")) for k in keys)]
+        return out
 
-    cells = []
-    for name, arm in results.items():
-        runs = arm.get("runs", [])
-        rows = [row(f"{name} seed {r['seed']}", r.get("loss_signal") or {}) for r in runs] if len(runs) > 1 else []
-        rows.append(row(name if len(runs) <= 1 else f"{name} (mean)", arm["summary"].get("loss_signal") or {}))
-        cells += [r for r in rows if r is not None]
-    if not cells:
-        return ""
-    return ("\n\ntraining batches, mean share of completions (groups in the last column) over batches:\n\n"
-            + _arms.markdown_table(["arm", *names], cells))
+    actual = rows(_arms.SIGNAL_KEYS, lambda sig: [fmt(sig.get(k, float("nan"))) for k in _arms.SIGNAL_KEYS])
+    rules = rows(_arms.RULE_KEYS, lambda sig: [f"{fmt(sig.get(f'if_{r}_signal_share', float('nan')))} "
+                                               f"({fmt(sig.get(f'if_{r}_signal_token_share', float('nan')))})"
+                                               for r in _arms.RULES])
+    text = ""
+    if actual:
+        text += ("\n\ntraining batches, mean share of completions (groups in the last column) over batches:\n\n"
+                 + _arms.markdown_table(["arm", "cut", "in the loss", "in the loss, advantage != 0",
+                                         "their share of loss tokens", "groups with one"], actual))
+    if rules:
+        text += ("\n\nthe same rollouts under each treatment of cut completions: share with a non-zero GRPO "
+                 "advantage in the loss (their share of the loss tokens), mean over batches:\n\n"
+                 + _arms.markdown_table(["arm", *_arms.RULES], rules))
+    return text
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def test_quick_runs_every_arm_to_the_same_budget(tmp_path):
     assert all([p["seed"] for p in row["per_seed"]] == [0] for row in r["table"])
     for arm in r["arms"].values():  # what reached the loss with a signal, per batch and per run
         run_ = arm["runs"][0]
-        assert set(run_["loss_signal"]) == set(_arms.SIGNAL_KEYS)
+        assert set(run_["loss_signal"]) == {*_arms.SIGNAL_KEYS, *_arms.RULE_KEYS}
         assert all(set(_arms.SIGNAL_KEYS) <= set(b) for b in run_["per_batch"])
     assert "training batches, mean share of completions" in proc.stdout
 
@@ -107,12 +107,37 @@ def test_loss_signal_against_hand_counts():
     assert _arms.loss_signal(ids, torch.zeros_like(mask), adv, [2, 0], 2)["signal_token_share"] == 0.0
 
 
-@pytest.mark.parametrize("setting", ["mask_truncated_completions", "mask_reward"])
+def test_rule_signal_against_hand_counts():
+    """Two groups of four. Group 0: rewards 1, 0, 1, 1 with the middle two cut; group 1: 1, 1, 0, 0, none cut."""
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+    cut = torch.tensor([False, True, True, False, False, False, False, False])
+    lengths = torch.tensor([2, 8, 8, 3, 2, 2, 2, 2])  # 29 tokens in all
+    got = _arms.rule_signal(rewards, cut, lengths, num_generations=4)
+    # keep: group means 0.75 and 0.5, so every completion has a non-zero advantage and all are in the loss
+    assert got["if_keep_signal_share"] == 1.0 and got["if_keep_signal_token_share"] == 1.0
+    # TRL's masking: the same advantages (the cut rewards stay in the baseline), the two cut rows leave the loss
+    assert got["if_mask_truncated_signal_share"] == pytest.approx(6 / 8)
+    assert got["if_mask_truncated_signal_token_share"] == 1.0  # 2 + 3 + 4 x 2: all 13 loss tokens
+    # mask_reward: group 0's baseline is its two scored rewards (1, 1), so nothing there; group 1 as before; every
+    # row stays in the loss, so group 0's 21 tokens dilute the other 8
+    assert got["if_mask_reward_signal_share"] == pytest.approx(4 / 8)
+    assert got["if_mask_reward_signal_token_share"] == pytest.approx(8 / 29)
+    unscored = rewards.clone()
+    unscored[4:] = float("nan")  # a group no reward function scored has no signal under any rule
+    assert _arms.rule_signal(unscored, cut, lengths, 4)["if_keep_signal_share"] == pytest.approx(4 / 8)
+    ids = torch.tensor([[5, 2, 0], [5, 6, 7], [5, 6, 2], [2, 0, 0], [5, 0, 0]])  # EOS 2, pad 0
+    assert _arms.completion_lengths(ids, [2], 0).tolist() == [2, 3, 3, 1, 1]
+    assert _arms.cut_rows(ids, [2, 0]).tolist() == [False, True, False, False, False]
+
+
+@pytest.mark.parametrize("setting", ["keep", "mask_truncated_completions", "mask_reward"])
 def test_loss_signal_sees_trls_masking_and_mask_reward(tmp_path, opd_tokenizer, setting):
     """On a real run: TRL's masking takes the cut completions out of the loss (so what is in it is what ended), and
-    ``mask_reward`` keeps them in it with no task-reward advantage (so every signal comes from what ended)."""
-    extra = ({"mask_truncated_completions": True} if setting == "mask_truncated_completions"
-             else {"truncated_completions": "mask_reward"})
+    ``mask_reward`` keeps them in it with no task-reward advantage (so every signal comes from what ended); and
+    under each setting the signal the trainer's advantages carry is the one rule_signal predicts for its rule."""
+    extra = {"keep": {}, "mask_truncated_completions": {"mask_truncated_completions": True},
+             "mask_reward": {"truncated_completions": "mask_reward"}}[setting]
+    rule = {"mask_truncated_completions": "mask_truncated"}.get(setting, setting)
     _, counter = _counted_grpo_run(tmp_path, opd_tokenizer, max_steps=3, per_device_train_batch_size=8,
                                    num_generations=4, max_completion_length=6, **extra)
     batches = [b for b in counter.per_batch if "cut_share" in b]
@@ -123,8 +148,13 @@ def test_loss_signal_sees_trls_masking_and_mask_reward(tmp_path, opd_tokenizer, 
             assert b["in_loss_share"] == pytest.approx(1 - b["cut_share"])
         else:
             assert b["in_loss_share"] == 1.0
-        assert b["signal_share"] <= 1 - b["cut_share"] + 1e-9  # a cut completion never carries a reward signal
+        if setting != "keep":
+            assert b["signal_share"] <= 1 - b["cut_share"] + 1e-9  # a cut completion never carries a reward signal
+        assert b[f"if_{rule}_signal_share"] == pytest.approx(b["signal_share"])
+        assert b[f"if_{rule}_signal_token_share"] == pytest.approx(b["signal_token_share"])
 
+
+def test_tokens_to_reach_interpolates_between_checkpoints():
     curve = [{"tokens": 0, "accuracy": 0.1}, {"tokens": 100, "accuracy": 0.2}, {"tokens": 200, "accuracy": 0.4},
              {"tokens": 300, "accuracy": 0.3}]
     assert _arms.tokens_to_reach(curve, 0.3) == pytest.approx(150.0)  # 100 + (0.3 - 0.2) / (0.4 - 0.2) * 100
@@ -192,16 +222,22 @@ def test_summary_means_and_standard_errors_over_seeds():
 
 
 def test_signal_table_has_a_row_per_seed_and_their_mean():
-    def run(seed, cut):
-        return {"seed": seed, "loss_signal": dict(zip(_arms.SIGNAL_KEYS, [cut, 1.0, 0.25, 0.2, 0.5], strict=True))}
+    def run(seed, cut, rules=None):
+        signal = dict(zip(_arms.SIGNAL_KEYS, [cut, 1.0, 0.25, 0.2, 0.5], strict=True))
+        return {"seed": seed, "loss_signal": {**signal, **(rules or {})}}
 
-    runs = [run(0, 0.5), run(1, 0.25)]
+    rules = dict(zip(_arms.RULE_KEYS, [0.5, 0.6, 0.4, 1.0, 0.1, 0.125], strict=True))
+    runs = [run(0, 0.5, rules), run(1, 0.25)]  # seed 1 written before the rules were recorded
     results = {"grpo": {"runs": runs, "summary": {"loss_signal": _arms.mean_signal([r["loss_signal"] for r in runs])}},
                "opd": {"runs": [{"seed": 0}], "summary": {}}}  # written before the signal was recorded: no row
-    lines = efficiency.signal_table(results).strip().splitlines()
-    assert lines[-3:] == ["| grpo seed 0 | 0.50 | 1.00 | 0.25 | 0.20 | 0.50 |",
-                          "| grpo seed 1 | 0.25 | 1.00 | 0.25 | 0.20 | 0.50 |",
-                          "| grpo (mean) | 0.38 | 1.00 | 0.25 | 0.20 | 0.50 |"]
+    text = efficiency.signal_table(results)
+    actual, by_rule = text.split("the same rollouts under each treatment")
+    assert actual.strip().splitlines()[-3:] == ["| grpo seed 0 | 0.50 | 1.00 | 0.25 | 0.20 | 0.50 |",
+                                                "| grpo seed 1 | 0.25 | 1.00 | 0.25 | 0.20 | 0.50 |",
+                                                "| grpo (mean) | 0.38 | 1.00 | 0.25 | 0.20 | 0.50 |"]
+    assert by_rule.strip().splitlines()[-4:] == ["| arm | keep | mask_truncated | mask_reward |", "|---|---|---|---|",
+                                                 "| grpo seed 0 | 0.50 (0.60) | 0.40 (1.00) | 0.10 (0.12) |",
+                                                 "| grpo (mean) | 0.50 (0.60) | 0.40 (1.00) | 0.10 (0.12) |"]
     assert efficiency.signal_table({"opd": results["opd"]}) == ""
 
 
