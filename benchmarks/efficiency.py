@@ -22,6 +22,10 @@ reaches the budget; accuracy is measured before training (once, shared) and at e
 The table gives, per arm, the final accuracy and the tokens it needed to reach the GRPO arm's final accuracy (the
 first checkpoint at or above it, interpolated linearly from the checkpoint before; the same rule for GRPO itself),
 and the ratio GRPO tokens / arm tokens. The curves go to ``efficiency.png``, everything to ``efficiency.json``.
+Two more tables say what of each arm's training batches carried a policy-gradient signal into the loss (cut
+completions, completions in the loss, those with a non-zero advantage and their share of the loss tokens) and what
+each treatment of cut completions (``keep``, TRL's ``mask_truncated_completions``, ``mask_reward``) would have made
+of the same rollouts (``_arms.loss_signal`` and ``_arms.rule_signal``).
 
 The student is SmolLM2-135M-Instruct with LoRA (r 16): the base recipe ``recipes/cpu/grpo_smollm2_sub.yaml`` with
 the task set by ``--op/--digits/--answer-format``. The teacher is SmolLM2-135M-Instruct too (so it shares the
