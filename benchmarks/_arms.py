@@ -74,6 +74,7 @@ class Plan:
     evals: int = 4
     seeds: int = 1
     common: tuple[str, ...] = ()
+    zero_cut_advantage: bool = False  # register ZeroCutAdvantage for every arm (a counterfactual)
 
     def targets(self) -> list[int]:
         """The token checkpoints evaluated after training starts: k * budget / evals, k = 1..evals."""
@@ -249,6 +250,23 @@ class StudentTokens:
         return mean_signal(self.per_batch)
 
 
+class ZeroCutAdvantage:
+    """A counterfactual for the truncation analysis (``efficiency.py --zero-cut-advantage``): in training, the
+    advantage of every completion cut at the length cap is set to 0 (``opd_modify_advantages``), after the
+    estimator computed the batch's advantages with the cut completions' rewards in their groups' baselines. With
+    ``truncated_completions: keep`` this is TRL's ``mask_truncated_completions`` for the policy-gradient term except
+    that the cut completions' tokens stay in the loss (and in its token normaliser), and ``mask_reward`` except for
+    the baseline. A row of per-token advantages is zeroed as a whole, a divergence reward included: for reward-only
+    arms."""
+
+    @hookimpl
+    def opd_modify_advantages(self, trainer: Any, batch: dict[str, Any], advantages: Any) -> None:
+        if not trainer.model.training:
+            return
+        cut = cut_rows(batch["completion_ids"], [*trainer.eos_token_ids, trainer._tokenizer.pad_token_id])
+        advantages[cut.to(advantages.device)] = 0.0
+
+
 def _budget_callback(counter: StudentTokens, budget: int, on_step: Callable[[int], None]) -> Any:
     from transformers import TrainerCallback
 
@@ -290,6 +308,8 @@ def train_arm(base: Path, overrides: Sequence[str], *, plan: Plan, label: str, b
     pm = get_plugin_manager()
     counter = StudentTokens()
     pm.register(counter, name=f"benchmarks._arms[{label}]")
+    if plan.zero_cut_advantage:
+        pm.register(ZeroCutAdvantage(), name=f"benchmarks._arms.ZeroCutAdvantage[{label}]")
     pm.check_hooks()
     recipe, pm = arm_recipe(base, overrides, budget=plan.budget, pm=pm)
     set_seed(recipe.seed)
@@ -548,7 +568,8 @@ def settings(plan: Plan, **extra: Any) -> dict[str, Any]:
     from opd_plugins.markers import __version__
 
     return {"budget": plan.budget, "evals": plan.evals, "targets": plan.targets(), "seeds": plan.seeds,
-            "common_overrides": list(plan.common), "threads": torch.get_num_threads(),
+            "common_overrides": list(plan.common), "zero_cut_advantage": plan.zero_cut_advantage,
+            "threads": torch.get_num_threads(),
             "versions": {"opd_plugins": __version__, "trl": trl.__version__, "transformers": transformers.__version__,
                          "torch": torch.__version__}, **extra}
 
@@ -556,4 +577,5 @@ def settings(plan: Plan, **extra: Any) -> dict[str, Any]:
 __all__ = ["BASE_RECIPE", "QUICK_TRAINER", "RULES", "RULE_KEYS", "SIGNAL_KEYS", "Arm", "Plan", "StudentTokens",
            "add_arguments", "arm_recipe", "completion_lengths", "cut_rows", "eval_overrides", "log", "loss_signal",
            "markdown_table", "mean_signal", "plot_curves", "plot_per_batch", "resolve_arguments", "rule_signal",
-           "run_arms", "settings", "summarize", "tiny_models", "tokens_to_reach", "train_arm", "write_json"]
+           "run_arms", "settings", "summarize", "tiny_models", "tokens_to_reach", "train_arm", "write_json",
+           "ZeroCutAdvantage"]

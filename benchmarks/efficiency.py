@@ -392,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="a dotted recipe override for every arm, after the task's and before the arm's own "
                          "(repeatable; validated before anything trains; not the teacher's), e.g. "
                          "--set trainer.args.truncated_completions=mask_reward")
+    ap.add_argument("--zero-cut-advantage", action="store_true",
+                    help="a counterfactual for the truncation analysis: the advantage of a completion cut at the cap "
+                         "is set to 0 after the estimator (its reward stays in its group's baseline, its tokens in the "
+                         "loss); for reward-only arms with truncated_completions: keep")
     ap.add_argument("--retrain-teacher", action="store_true", help="train the teacher again even if one is cached")
     ap.add_argument("--probe", action="store_true", help="only measure the base model on the candidate tasks (JSON: "
                                                          "--out's name with _probe)")
@@ -402,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         return redraw(a.from_json, a.png)
     names, budget, eval_n, plan_evals = _arms.resolve_arguments(ap, a, ARM_NAMES, budget=BUDGET,
                                                                 quick_budget=QUICK_BUDGET)
+    if a.zero_cut_advantage and set(names) != {"grpo"}:
+        ap.error("--zero-cut-advantage is a counterfactual for the reward-only arm: use it with --arms grpo (it "
+                 "would zero the teacher's per-token rewards of the other arms' cut completions too)")
 
     with tempfile.TemporaryDirectory(prefix="opd-efficiency-") as tmp:
         work = Path(tmp)
@@ -429,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nwrote {out}")
             return 0
         plan = Plan(budget=budget, evals=plan_evals, seeds=a.seeds,
-                    common=(*task, *student_over, *_arms.eval_overrides(eval_n), *a.sets))
+                    common=(*task, *student_over, *_arms.eval_overrides(eval_n), *a.sets),
+                    zero_cut_advantage=a.zero_cut_advantage)
         if a.sets:
             check_sets(plan, a.sets)
         t0 = time.monotonic()

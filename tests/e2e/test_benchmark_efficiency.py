@@ -48,9 +48,9 @@ def test_quick_runs_every_arm_to_the_same_budget(tmp_path):
     assert (tmp_path / "again.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.read_bytes() == before
 
 
-def _counted_grpo_run(tmp_path, tokenizer, **args):
+def _counted_grpo_run(tmp_path, tokenizer, plugins=(), **args):
     """A tiny GRPO run (rewards 0, 1, 0, 1, ... in every group; "7" ends a completion) with a StudentTokens
-    counter registered: (trainer, counter)."""
+    counter and ``plugins`` registered: (trainer, counter)."""
     from helpers.tiny import prompt_dataset
 
     from opd_plugins.manager import get_plugin_manager
@@ -60,6 +60,8 @@ def _counted_grpo_run(tmp_path, tokenizer, **args):
     pm = get_plugin_manager(entrypoints=False)
     counter = _arms.StudentTokens()
     pm.register(counter, name="counter")
+    for i, plugin in enumerate(plugins):
+        pm.register(plugin, name=f"plugin{i}")
     pm.check_hooks()
     args = OPDConfig(output_dir=str(tmp_path), logging_steps=1, report_to="none", save_strategy="no", bf16=False,
                      use_cpu=True, disable_tqdm=True, temperature=1.0, **args)
@@ -152,6 +154,26 @@ def test_loss_signal_sees_trls_masking_and_mask_reward(tmp_path, opd_tokenizer, 
             assert b["signal_share"] <= 1 - b["cut_share"] + 1e-9  # a cut completion never carries a reward signal
         assert b[f"if_{rule}_signal_share"] == pytest.approx(b["signal_share"])
         assert b[f"if_{rule}_signal_token_share"] == pytest.approx(b["signal_token_share"])
+
+
+def test_zero_cut_advantage_keeps_trls_baseline_and_the_cut_tokens(tmp_path, opd_tokenizer):
+    """The counterfactual: with ``keep``, every cut completion stays in the loss with advantage 0, and which
+    completions carry a signal is what TRL's rule gives them (the cut rewards in the baseline)."""
+    _, counter = _counted_grpo_run(tmp_path, opd_tokenizer, plugins=[_arms.ZeroCutAdvantage()], max_steps=3,
+                                   per_device_train_batch_size=8, num_generations=4, max_completion_length=6)
+    batches = [b for b in counter.per_batch if "cut_share" in b]
+    assert any(0 < b["cut_share"] < 1 for b in batches)
+    assert any(b["if_keep_signal_share"] > b["signal_share"] for b in batches)  # it did zero something
+    for b in batches:
+        assert b["in_loss_share"] == 1.0 and b["signal_share"] <= 1 - b["cut_share"] + 1e-9
+        assert b["signal_share"] == pytest.approx(b["if_mask_truncated_signal_share"])
+
+
+def test_zero_cut_advantage_is_for_the_reward_only_arm(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        efficiency.main(["--quick", "--arms", "grpo,opd", "--zero-cut-advantage", "--out", str(tmp_path / "x.json")])
+    assert "--zero-cut-advantage is a counterfactual for the reward-only arm" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_tokens_to_reach_interpolates_between_checkpoints():
