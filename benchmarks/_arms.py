@@ -162,20 +162,6 @@ def rule_signal(rewards: Any, cut: Any, lengths: Any, num_generations: int) -> d
     return out
 
 
-def completion_lengths(completion_ids: Any, eos_ids: Sequence[int], pad_id: int | None) -> Any:
-    """``(N,)`` tokens of each completion as generated, TRL's rule: up to and including its first EOS, else every
-    token that is not padding (all ``T`` for one cut at the cap), whatever the loss mask now says."""
-    import torch
-
-    T = completion_ids.shape[1]
-    is_eos = torch.isin(completion_ids, torch.tensor(list(eos_ids), dtype=completion_ids.dtype,
-                                                     device=completion_ids.device))
-    first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(is_eos[:, 0], T, dtype=torch.long))
-    if pad_id is not None and pad_id not in eos_ids:
-        first = torch.minimum(first, (completion_ids != pad_id).sum(1))
-    return first
-
-
 class StudentTokens:
     """Hook implementations counting, over the training generation batches of one run, the completion tokens the
     student generated (forced prefix tokens left out), the rollouts a sampler guided, the non-degenerate groups,
@@ -228,6 +214,8 @@ class StudentTokens:
     def opd_advantages_computed(self, trainer: Any, batch: dict[str, Any], advantages: Any) -> None:
         if not trainer.model.training:
             return
+        import torch
+
         from opd_plugins.trainers.student import loss_mask
 
         ids, pad = batch["completion_ids"], trainer._tokenizer.pad_token_id
@@ -235,9 +223,10 @@ class StudentTokens:
         record.update(loss_signal(ids, loss_mask(batch), advantages, [*trainer.eos_token_ids, pad],
                                   trainer.num_generations))
         if self._rewards is not None and self._rewards[0] == self.batches and len(self._rewards[1]) == len(ids):
-            lengths = completion_lengths(ids, trainer.eos_token_ids, pad).cpu()
-            cut = cut_rows(ids, [*trainer.eos_token_ids, pad]).cpu()
-            record.update(rule_signal(self._rewards[1], cut, lengths, trainer.num_generations))
+            cut = cut_rows(ids, [*trainer.eos_token_ids, pad])
+            # a cut completion has all T tokens, whether or not TRL's masking took them out of the loss mask
+            lengths = torch.where(cut, ids.shape[1], loss_mask(batch).sum(1).long())
+            record.update(rule_signal(self._rewards[1], cut.cpu(), lengths.cpu(), trainer.num_generations))
 
     def _record(self) -> dict[str, float]:
         """This generation batch's record in ``per_batch`` (made by the first hook of the batch to need it)."""
@@ -575,7 +564,7 @@ def settings(plan: Plan, **extra: Any) -> dict[str, Any]:
 
 
 __all__ = ["BASE_RECIPE", "QUICK_TRAINER", "RULES", "RULE_KEYS", "SIGNAL_KEYS", "Arm", "Plan", "StudentTokens",
-           "add_arguments", "arm_recipe", "completion_lengths", "cut_rows", "eval_overrides", "log", "loss_signal",
+           "add_arguments", "arm_recipe", "cut_rows", "eval_overrides", "log", "loss_signal",
            "markdown_table", "mean_signal", "plot_curves", "plot_per_batch", "resolve_arguments", "rule_signal",
            "run_arms", "settings", "summarize", "tiny_models", "tokens_to_reach", "train_arm", "write_json",
            "ZeroCutAdvantage"]

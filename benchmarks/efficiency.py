@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -297,22 +298,25 @@ def signal_table(results: dict[str, dict[str, Any]]) -> str:
     and what each treatment of cut completions would have made of the same rollouts (``_arms.rule_signal``): means
     over generation batches, with several seeds each seed's row and then the mean over seeds. Empty for a JSON
     written before they were recorded."""
+    nan = float("nan")
+
     def fmt(v: float) -> str:
-        return "-" if v != v else f"{v:.2f}"  # NaN != NaN
+        return "-" if math.isnan(v) else f"{v:.2f}"
 
     def rows(keys: Sequence[str], cell: Callable[[dict[str, float]], list[str]]) -> list[list[str]]:
+        """A row per seed (with several) and one for the mean; none where no key was recorded."""
         out = []
         for name, arm in results.items():
             runs = arm.get("runs", [])
             labelled = [(f"{name} seed {r['seed']}", r.get("loss_signal") or {}) for r in runs] if len(runs) > 1 else []
             labelled.append((name if len(runs) <= 1 else f"{name} (mean)", arm["summary"].get("loss_signal") or {}))
             out += [[label, *cell(signal)] for label, signal in labelled
-                    if not all(signal.get(k, float("nan")) != signal.get(k, float("nan")) for k in keys)]
+                    if any(not math.isnan(signal.get(k, nan)) for k in keys)]
         return out
 
-    actual = rows(_arms.SIGNAL_KEYS, lambda sig: [fmt(sig.get(k, float("nan"))) for k in _arms.SIGNAL_KEYS])
-    rules = rows(_arms.RULE_KEYS, lambda sig: [f"{fmt(sig.get(f'if_{r}_signal_share', float('nan')))} "
-                                               f"({fmt(sig.get(f'if_{r}_signal_token_share', float('nan')))})"
+    actual = rows(_arms.SIGNAL_KEYS, lambda sig: [fmt(sig.get(k, nan)) for k in _arms.SIGNAL_KEYS])
+    rules = rows(_arms.RULE_KEYS, lambda sig: [f"{fmt(sig.get(f'if_{r}_signal_share', nan))} "
+                                               f"({fmt(sig.get(f'if_{r}_signal_token_share', nan))})"
                                                for r in _arms.RULES])
     text = ""
     if actual:
@@ -395,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zero-cut-advantage", action="store_true",
                     help="a counterfactual for the truncation analysis: the advantage of a completion cut at the cap "
                          "is set to 0 after the estimator (its reward stays in its group's baseline, its tokens in the "
-                         "loss); for reward-only arms with truncated_completions: keep")
+                         "loss); --arms grpo only; meant for truncated_completions: keep (under TRL's masking or "
+                         "mask_reward it changes nothing: a cut completion is out of the loss or has no advantage)")
     ap.add_argument("--retrain-teacher", action="store_true", help="train the teacher again even if one is cached")
     ap.add_argument("--probe", action="store_true", help="only measure the base model on the candidate tasks (JSON: "
                                                          "--out's name with _probe)")

@@ -128,7 +128,6 @@ def test_rule_signal_against_hand_counts():
     unscored[4:] = float("nan")  # a group no reward function scored has no signal under any rule
     assert _arms.rule_signal(unscored, cut, lengths, 4)["if_keep_signal_share"] == pytest.approx(4 / 8)
     ids = torch.tensor([[5, 2, 0], [5, 6, 7], [5, 6, 2], [2, 0, 0], [5, 0, 0]])  # EOS 2, pad 0
-    assert _arms.completion_lengths(ids, [2], 0).tolist() == [2, 3, 3, 1, 1]
     assert _arms.cut_rows(ids, [2, 0]).tolist() == [False, True, False, False, False]
 
 
